@@ -1,0 +1,82 @@
+"""The ConvMixer model ("Patches Are All You Need?", Trockman & Kolter, 2022, arXiv:2201.09792).
+
+`build_convmixer` is a pure function of the hyper-parameters and returns a `keras.Model` mapping
+already-normalized float images to float32 logits (the loss is computed from logits in float32, which
+keeps mixed precision safe). `PRESETS` maps the paper's named sizes to its keyword arguments.
+
+Layer names are stable and hierarchical (`stem_conv`, `block03_depthwise_conv`, `block03_pointwise_bn`,
+`head_dense`, ...): checkpoints, TensorBoard graphs and profiler op tables group by block and by kind.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import layers
+
+# PyTorch BatchNorm2d defaults used by the reference model: momentum 0.1 (new-statistic weight), which
+# is 0.9 in Keras' convention (old-statistic weight), and epsilon 1e-5. Keras' own defaults (0.99, 1e-3)
+# make evaluation-mode statistics lag badly on short runs.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+# Named sizes from the paper. CIFAR presets take 32x32 inputs and 10 classes; ImageNet ones 224 / 1000.
+PRESETS: dict[str, dict[str, Any]] = {
+    "convmixer_256_8": dict(hidden_dim=256, depth=8, kernel_size=5, patch_size=2, num_classes=10,
+                            image_size=32, activation="gelu"),
+    "convmixer_768_32": dict(hidden_dim=768, depth=32, kernel_size=7, patch_size=7, num_classes=1000,
+                             image_size=224, activation="relu"),
+    "convmixer_1024_20": dict(hidden_dim=1024, depth=20, kernel_size=9, patch_size=14, num_classes=1000,
+                              image_size=224, activation="gelu"),
+    "convmixer_1536_20": dict(hidden_dim=1536, depth=20, kernel_size=9, patch_size=7, num_classes=1000,
+                              image_size=224, activation="gelu"),
+}
+
+ACTIVATIONS = ("gelu", "relu", "silu")
+
+
+def _act_bn(x, activation: str, prefix: str):
+    """Activation then BatchNorm, the order used throughout ConvMixer."""
+    x = layers.Activation(activation, name=f"{prefix}_act")(x)
+    return layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"{prefix}_bn")(x)
+
+
+def _mixer_block(x, index: int, hidden_dim: int, kernel_size: int, activation: str):
+    """Residual(depthwise conv -> act -> BN), then pointwise (1x1) conv -> act -> BN."""
+    name = f"block{index:02d}"
+    shortcut = x
+    x = layers.DepthwiseConv2D(kernel_size, padding="same", name=f"{name}_depthwise_conv")(x)
+    x = _act_bn(x, activation, f"{name}_depthwise")
+    x = layers.Add(name=f"{name}_residual")([x, shortcut])
+    x = layers.Conv2D(hidden_dim, 1, name=f"{name}_pointwise_conv")(x)
+    return _act_bn(x, activation, f"{name}_pointwise")
+
+
+def build_convmixer(hidden_dim: int, depth: int, kernel_size: int, patch_size: int, num_classes: int,
+                    image_size: int, activation: str = "gelu", dropout_rate: float = 0.0,
+                    channels: int = 3, name: str = "convmixer") -> keras.Model:
+    """Build a ConvMixer-`hidden_dim`/`depth` that returns float32 logits.
+
+    Architecture (exactly the reference implementation): patch embedding Conv(patch, stride patch)
+    -> act -> BN; `depth` x [Residual(DepthwiseConv k 'same' -> act -> BN) -> Conv 1x1 -> act -> BN];
+    global average pool -> Dense. Optional dropout (as in the seed implementation) before every block
+    and before the head; the paper uses none (0.0).
+    """
+    inputs = keras.Input((image_size, image_size, channels), name="images")
+    x = layers.Conv2D(hidden_dim, patch_size, strides=patch_size, name="stem_conv")(inputs)
+    x = _act_bn(x, activation, "stem")
+    for i in range(depth):
+        if dropout_rate > 0:
+            x = layers.Dropout(dropout_rate, name=f"block{i:02d}_dropout")(x)
+        x = _mixer_block(x, i, hidden_dim, kernel_size, activation)
+    # The head runs in float32 so logits (and the loss computed from them) are float32 under any policy.
+    x = layers.GlobalAveragePooling2D(name="head_pool", dtype="float32")(x)
+    if dropout_rate > 0:
+        x = layers.Dropout(dropout_rate, name="head_dropout", dtype="float32")(x)
+    logits = layers.Dense(num_classes, name="head_dense", dtype="float32")(x)
+    return keras.Model(inputs, logits, name=name)
+
+
+def count_params(model: keras.Model) -> int:
+    """All weights, trainable or not (BN moving statistics included), as the reference counts them."""
+    return int(sum(int(keras.ops.size(w)) for w in model.weights))
