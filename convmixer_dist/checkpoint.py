@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 
 import tensorflow as tf
+
+from convmixer_dist.errors import UsageError
 
 
 def checkpoint_dir(model_dir: str) -> str:
@@ -36,11 +39,23 @@ class CheckpointSaver:
         return tf.train.latest_checkpoint(self.main_dir)
 
     def restore_latest(self) -> str | None:
-        """Restore the chief's latest checkpoint (all workers); returns its path or None."""
-        path = self.latest()
-        if path:
-            self.checkpoint.restore(path).assert_existing_objects_matched()
-        return path
+        """Restore the chief's newest *usable* checkpoint (all workers); returns its path or None.
+
+        A checkpoint whose files are damaged (e.g. a node crashed while a non-atomic file system was
+        flushing it) is skipped with a warning in favour of the previous one.
+        """
+        state = tf.train.get_checkpoint_state(self.main_dir)
+        candidates = list(reversed(state.all_model_checkpoint_paths)) if state else []
+        for path in candidates:
+            try:
+                self.checkpoint.restore(path).assert_existing_objects_matched()
+                return path
+            except (tf.errors.OpError, ValueError, AssertionError) as err:
+                print(f"warning: checkpoint {path} is unusable ({err.__class__.__name__}); "
+                      "trying the previous one", file=sys.stderr, flush=True)
+        if candidates:
+            raise UsageError(f"no usable checkpoint in {self.main_dir}; pass --overwrite to start over")
+        return None
 
     def save(self, step: int) -> str:
         """Save (every worker must call this); non-chief copies are deleted right away."""

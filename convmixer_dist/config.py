@@ -20,11 +20,35 @@ AUGMENTS = ("none", "basic")
 ALL_REDUCES = ("auto", "nccl", "hierarchical_copy", "ring")
 CLUSTERS = ("auto", "tf_config", "slurm")
 XLA_MODES = ("auto", "on", "off")
+NAN_POLICIES = ("stop", "rollback")
+# Flags a resumed run must share with the run that wrote the checkpoint (the checkpoint's shape and
+# meaning depend on them). Others (epochs, strategy, batch size, ...) may change between restarts.
+IDENTITY_FIELDS = ("model", "hidden_dim", "depth", "kernel_size", "patch_size", "activation",
+                   "dataset", "num_classes", "image_size", "precision")
 
 # Examples per split of the datasets with a fixed size (the synthetic size is a flag).
 DATASET_SIZES = {"cifar10": (50000, 10000), "cifar100": (50000, 10000)}
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100}
 NATIVE_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32}
+
+
+def flag_text(value) -> str:
+    """A value as it appears after `--name=` in a flagfile."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def read_flagfile(path: str) -> dict[str, str]:
+    """`--name=value` lines of a flagfile written by `Config.to_flagfile` (comments skipped)."""
+    values = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("--") and "=" in line:
+                name, value = line[2:].split("=", 1)
+                values[name] = value
+    return values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +79,6 @@ class Config:
     synthetic_train_size: int = 10000
     synthetic_eval_size: int = 1000
     augment: str = "basic"
-    shuffle_buffer: int = 10000
     # Optimization.
     global_batch_size: int = 128
     epochs: int = 1
@@ -75,15 +98,22 @@ class Config:
     keep_checkpoints: int = 3
     log_every_steps: int = 0
     seed: int = 0
+    # Reliability.
+    deterministic: bool = False
+    nan_policy: str = "stop"
+    nan_max_rollbacks: int = 3
+    nan_lr_factor: float = 0.5
+    # Actions and test hooks of this invocation only: never written to flags.txt.
+    overwrite: bool = dataclasses.field(default=False, metadata={"flagfile": False})
+    fault_inject_nan_at_step: int = dataclasses.field(default=0, metadata={"flagfile": False})
 
     def to_flagfile(self) -> str:
         """The config as an absl flagfile (one `--name=value` line per field)."""
         lines = ["# Resolved flags of this run; rerun with --flagfile=<this file>."]
         for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, bool):
-                value = "true" if value else "false"
-            lines.append(f"--{field.name}={value}")
+            if not field.metadata.get("flagfile", True):
+                continue
+            lines.append(f"--{field.name}={flag_text(getattr(self, field.name))}")
         return "\n".join(lines) + "\n"
 
 

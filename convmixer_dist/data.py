@@ -2,8 +2,9 @@
 tf.data pipelines built with `strategy.distribute_datasets_from_function`.
 
 Each input pipeline (one per worker) reads a distinct shard; batches are per-replica
-(global / replicas). Training shuffles, repeats and augments per image (random crop with padding and
-horizontal flip) with stateless ops seeded from the run seed, so a run is reproducible. Evaluation is
+(global / replicas). Training visits its shard in a fresh full permutation every epoch and augments
+per image (random crop with padding and horizontal flip) with stateless ops keyed by the run seed and
+the example's stream position, so a run is reproducible and resumable at any step. Evaluation is
 never augmented and covers every example exactly once (the last, partial batch is kept).
 """
 from __future__ import annotations
@@ -174,53 +175,103 @@ def basic_augment(image, seed, image_size: int):
     return tf.image.stateless_random_flip_left_right(cropped, seed=seed[::-1])
 
 
-def _source(config: Config, split: str, arrays) -> tf.data.Dataset:
+def _example_fn(config: Config, split: str, arrays) -> Callable:
+    """index -> (uint8 image at config.image_size, int32 label), in-graph (random access by index)."""
     if config.dataset == "synthetic":
-        size = config.synthetic_train_size if split == "train" else config.synthetic_eval_size
         # Eval indices are offset so they never coincide with training examples.
         offset = 0 if split == "train" else 1 << 30
-        ds = tf.data.Dataset.range(size)
-        return ds.map(lambda i: synthetic_example(i + offset, config.seed, config.image_size,
-                                                  config.num_classes), num_parallel_calls=AUTOTUNE)
+        return lambda i: synthetic_example(i + offset, config.seed, config.image_size, config.num_classes)
     images, labels = arrays["train" if split == "train" else "test"]
-    ds = tf.data.Dataset.from_tensor_slices((images, labels))
-    if images.shape[1] != config.image_size:
-        ds = ds.map(lambda x, y: (tf.cast(tf.image.resize(x, [config.image_size] * 2), tf.uint8), y),
-                    num_parallel_calls=AUTOTUNE)
-    return ds
+    images, labels = tf.constant(images), tf.constant(labels)
+    resize = images.shape[1] != config.image_size
+
+    def example(i):
+        image = tf.gather(images, i)
+        if resize:
+            image = tf.cast(tf.image.resize(image, [config.image_size] * 2), tf.uint8)
+        return image, tf.gather(labels, i)
+
+    return example
 
 
-def make_dataset_fn(config: Config, derived: Derived, split: str, arrays=None) -> Callable:
-    """The per-input-pipeline dataset builder for `strategy.distribute_datasets_from_function`."""
+def _train_indices(size: int, num_shards: int, shard: int, seed: int, start: int) -> tf.data.Dataset:
+    """Endless stream of (position, example index) over this shard, each epoch a full permutation.
+
+    Epoch e's order is a pure function of (seed, e), so resuming at stream position `start`
+    reproduces exactly what an uninterrupted run reads next, without saving iterator state.
+    """
+    indices = tf.range(shard, size, num_shards, dtype=tf.int64)
+    shard_len = shard_size(size, num_shards, shard)
+    first_epoch, offset = divmod(start, shard_len)
+
+    def epoch(e):
+        order = tf.argsort(tf.random.stateless_uniform([shard_len], seed=tf.stack([seed, e])))
+        return tf.data.Dataset.zip((tf.data.Dataset.range(e * shard_len, (e + 1) * shard_len),
+                                    tf.data.Dataset.from_tensor_slices(tf.gather(indices, order))))
+
+    return tf.data.Dataset.range(first_epoch, 2 ** 62).flat_map(epoch).skip(offset)
+
+
+def shard_size(total: int, num_shards: int, index: int) -> int:
+    """Elements of shard `index` of `num_shards` over `total` elements (as Dataset.shard splits)."""
+    return len(range(index, total, num_shards))
+
+
+def make_dataset_fn(config: Config, derived: Derived, split: str, arrays=None,
+                    start_step: int = 0) -> Callable:
+    """The per-input-pipeline dataset builder for `strategy.distribute_datasets_from_function`.
+
+    Training data starts at global step `start_step` (resume) and is identical, batch for batch, to
+    what an uninterrupted run reads at that step.
+    """
     mean, std = NORMALIZATION[config.dataset]
     batch = derived.per_replica_batch_size
+    example = _example_fn(config, split, arrays)
 
     def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-        ds = _source(config, split, arrays)
-        ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
+        pipeline, pipelines = ctx.input_pipeline_id, ctx.num_input_pipelines
         if split == "train":
-            ds = ds.shuffle(config.shuffle_buffer, seed=config.seed + ctx.input_pipeline_id,
-                            reshuffle_each_iteration=True).repeat()
-            if config.augment == "basic":
-                seeds = tf.data.Dataset.random(seed=config.seed + 1000 + ctx.input_pipeline_id).batch(2)
-                ds = tf.data.Dataset.zip((ds, seeds)).map(
-                    lambda xy, s: (basic_augment(xy[0], s, config.image_size), xy[1]),
-                    num_parallel_calls=AUTOTUNE)
-            ds = ds.batch(batch, drop_remainder=True)
+            # Each global step consumes one per-replica batch per replica of this pipeline.
+            per_step = batch * (ctx.num_replicas_in_sync // pipelines)
+            ds = _train_indices(derived.train_size, pipelines, pipeline, config.seed * 997 + pipeline,
+                                start_step * per_step)
+            aug_seed = tf.constant(config.seed * 7919 + pipeline, tf.int64)
+
+            def load(position, index):
+                image, label = example(index)
+                if config.augment == "basic":
+                    image = basic_augment(image, tf.stack([aug_seed, position]), config.image_size)
+                return image, label
+
+            ds = ds.map(load, num_parallel_calls=AUTOTUNE).batch(batch, drop_remainder=True)
         else:
-            ds = ds.batch(batch)  # Keep the partial batch: every example is evaluated exactly once.
+            ds = tf.data.Dataset.range(pipeline, derived.eval_size, pipelines)
+            # Keep the partial batch: every example is evaluated exactly once.
+            ds = ds.map(example, num_parallel_calls=AUTOTUNE).batch(batch)
         ds = ds.map(lambda x, y: (normalize(x, mean, std), y), num_parallel_calls=AUTOTUNE)
         return ds.prefetch(AUTOTUNE)
 
     return dataset_fn
 
 
+def train_dataset(strategy: tf.distribute.Strategy, config: Config, derived: Derived, arrays=None,
+                  start_step: int = 0):
+    """The distributed training dataset, starting at global step `start_step`."""
+    return strategy.distribute_datasets_from_function(
+        make_dataset_fn(config, derived, "train", arrays, start_step), _INPUT_OPTIONS)
+
+
+def eval_dataset(strategy: tf.distribute.Strategy, config: Config, derived: Derived, arrays=None):
+    """The distributed evaluation dataset (every example once, no augmentation)."""
+    return strategy.distribute_datasets_from_function(
+        make_dataset_fn(config, derived, "eval", arrays), _INPUT_OPTIONS)
+
+
+_INPUT_OPTIONS = tf.distribute.InputOptions(experimental_fetch_to_device=True)
+
+
 def distributed_datasets(strategy: tf.distribute.Strategy, config: Config, derived: Derived,
-                         arrays=None):
+                         arrays=None, start_step: int = 0):
     """(train, eval) distributed datasets; `arrays` are the CIFAR arrays (None for synthetic)."""
-    options = tf.distribute.InputOptions(experimental_fetch_to_device=True)
-    train = strategy.distribute_datasets_from_function(
-        make_dataset_fn(config, derived, "train", arrays), options)
-    evaluation = strategy.distribute_datasets_from_function(
-        make_dataset_fn(config, derived, "eval", arrays), options)
-    return train, evaluation
+    return (train_dataset(strategy, config, derived, arrays, start_step),
+            eval_dataset(strategy, config, derived, arrays))

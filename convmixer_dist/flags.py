@@ -48,7 +48,6 @@ flags.DEFINE_integer("synthetic_train_size", 10000, "Training examples per epoch
 flags.DEFINE_integer("synthetic_eval_size", 1000, "Evaluation examples of synthetic data.")
 flags.DEFINE_enum("augment", "basic", cfg.AUGMENTS, "basic = random crop with 4px padding (scaled "
                   "with image size) + horizontal flip; none = no augmentation.")
-flags.DEFINE_integer("shuffle_buffer", 10000, "Shuffle buffer (examples) of the training split.")
 # Optimization.
 flags.DEFINE_integer("global_batch_size", 128, "Batch size summed over all replicas.")
 flags.DEFINE_integer("epochs", 1, "Training epochs (ignored when --train_steps is set).")
@@ -72,6 +71,17 @@ flags.DEFINE_integer("checkpoint_every_steps", 1000, "Checkpoint period in steps
 flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
 flags.DEFINE_integer("log_every_steps", 0, "Progress line period in steps; 0 = about 10 per epoch.")
 flags.DEFINE_integer("seed", 0, "Seed of initialisation, shuffling and augmentation.")
+# Reliability.
+flags.DEFINE_boolean("deterministic", False, "Deterministic ops (tf.config.experimental."
+                     "enable_op_determinism): a killed and resumed run ends bit-identical to an "
+                     "uninterrupted one. Slower on GPUs.")
+flags.DEFINE_enum("nan_policy", "stop", cfg.NAN_POLICIES, "On a non-finite loss: stop (exit 3, last good "
+                  "checkpoint kept) or roll back to the last checkpoint with a lower learning rate.")
+flags.DEFINE_integer("nan_max_rollbacks", 3, "Rollbacks before --nan_policy=rollback gives up.")
+flags.DEFINE_float("nan_lr_factor", 0.5, "Learning-rate multiplier applied at each rollback.")
+flags.DEFINE_boolean("overwrite", False, "Start fresh: move an existing --model_dir aside "
+                     "(MODEL_DIR.old-TIMESTAMP) instead of resuming from it.")
+flags.DEFINE_integer("fault_inject_nan_at_step", 0, "Testing: make the loss NaN once at this step.")
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -89,15 +99,18 @@ def validate(c: cfg.Config) -> None:
     """Raise UsageError (one line naming the flag) for any invalid combination of values."""
     for name in ("hidden_dim", "depth", "kernel_size", "patch_size", "image_size", "num_classes",
                  "global_batch_size", "steps_per_loop", "checkpoint_every_steps", "keep_checkpoints",
-                 "synthetic_train_size", "synthetic_eval_size", "cpu_replicas", "shuffle_buffer",
+                 "synthetic_train_size", "synthetic_eval_size", "cpu_replicas",
                  "learning_rate", "collective_timeout"):
         _positive(name, getattr(c, name))
-    for name in ("train_steps", "warmup_steps", "weight_decay", "clip_norm", "log_every_steps"):
+    for name in ("train_steps", "warmup_steps", "weight_decay", "clip_norm", "log_every_steps",
+                 "nan_max_rollbacks", "fault_inject_nan_at_step"):
         _positive(name, getattr(c, name), allow_zero=True)
     if c.train_steps == 0:
         _positive("epochs", c.epochs)
     for name in ("dropout_rate", "label_smoothing"):
         _fraction(name, getattr(c, name))
+    if not 0.0 < c.nan_lr_factor < 1.0:
+        raise UsageError(f"--nan_lr_factor={c.nan_lr_factor}: expected a value in (0, 1)")
     if c.num_classes < 2:
         raise UsageError(f"--num_classes={c.num_classes}: expected at least 2")
     if c.num_gpus < -1:
@@ -146,12 +159,15 @@ def config_from_flags() -> cfg.Config:
         dropout_rate=FLAGS.dropout_rate, sync_bn=FLAGS.sync_bn,
         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=image_size, num_classes=num_classes,
         synthetic_train_size=FLAGS.synthetic_train_size, synthetic_eval_size=FLAGS.synthetic_eval_size,
-        augment=FLAGS.augment, shuffle_buffer=FLAGS.shuffle_buffer,
+        augment=FLAGS.augment,
         global_batch_size=FLAGS.global_batch_size, epochs=FLAGS.epochs, train_steps=FLAGS.train_steps,
         steps_per_loop=FLAGS.steps_per_loop, learning_rate=FLAGS.learning_rate,
         weight_decay=FLAGS.weight_decay, lr_schedule=FLAGS.lr_schedule, warmup_steps=FLAGS.warmup_steps,
         label_smoothing=FLAGS.label_smoothing, clip_norm=FLAGS.clip_norm, precision=FLAGS.precision,
         xla=FLAGS.xla, model_dir=FLAGS.model_dir, checkpoint_every_steps=FLAGS.checkpoint_every_steps,
-        keep_checkpoints=FLAGS.keep_checkpoints, log_every_steps=FLAGS.log_every_steps, seed=FLAGS.seed)
+        keep_checkpoints=FLAGS.keep_checkpoints, log_every_steps=FLAGS.log_every_steps, seed=FLAGS.seed,
+        deterministic=FLAGS.deterministic, nan_policy=FLAGS.nan_policy,
+        nan_max_rollbacks=FLAGS.nan_max_rollbacks, nan_lr_factor=FLAGS.nan_lr_factor,
+        overwrite=FLAGS.overwrite, fault_inject_nan_at_step=FLAGS.fault_inject_nan_at_step)
     validate(config)
     return config

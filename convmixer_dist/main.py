@@ -18,7 +18,8 @@ from convmixer_dist import flags as cli  # Defines the flags.
 from convmixer_dist import rundir
 from convmixer_dist.errors import UsageError, report_and_exit
 
-EXIT_DIVERGED = 3
+EXIT_DIVERGED = 3  # Non-finite loss/weights; the last good checkpoint is kept.
+EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1: checkpoint saved, rerun to resume (EX_TEMPFAIL).
 
 flags.adopt_module_key_flags(cli)  # `--help` lists the training flags, not only absl's own.
 
@@ -50,6 +51,9 @@ def run(argv: list[str]) -> dict:
     except train.TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_DIVERGED)
+    except train.Preempted as err:
+        print(f"preempted: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)
     if chief:
         rundir.write_json(os.path.join(config.model_dir, "summary.json"), summary)
         print(f"Done: eval accuracy {summary['eval_accuracy']:.4f}, {summary['steps']} steps; "

@@ -55,8 +55,23 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
                 "warmup_steps": self.warmup_steps, "decay": self.decay}
 
 
-def create_schedule(name: str, max_lr: float, total_steps: int, warmup_steps: int = 0):
-    """The schedule named by `--lr_schedule`."""
+class Scaled(keras.optimizers.schedules.LearningRateSchedule):
+    """`base(step) * scale`, where `scale` is a (checkpointed) variable lowered by NaN rollbacks."""
+
+    def __init__(self, base, scale):
+        self.base, self.scale = base, scale
+
+    def __call__(self, step):
+        return self.base(step) * tf.cast(self.scale, tf.float32)
+
+    def get_config(self):
+        return {"base": self.base.get_config()}
+
+
+def create_schedule(name: str, max_lr: float, total_steps: int, warmup_steps: int = 0, scale=None):
+    """The schedule named by `--lr_schedule`, optionally multiplied by the variable `scale`."""
     if name == "onecycle":
-        return OneCycle(max_lr, total_steps)
-    return WarmupCosine(max_lr, total_steps, warmup_steps, decay=(name == "cosine"))
+        base = OneCycle(max_lr, total_steps)
+    else:
+        base = WarmupCosine(max_lr, total_steps, warmup_steps, decay=(name == "cosine"))
+    return base if scale is None else Scaled(base, scale)

@@ -23,13 +23,18 @@ from convmixer_dist.checkpoint import CheckpointSaver
 from convmixer_dist.config import Config, Derived, derive
 from convmixer_dist.model import build_convmixer, count_params
 from convmixer_dist.precision import resolve_precision
+from convmixer_dist.preemption import PreemptionWatcher
 from convmixer_dist.strategy import device_kind, is_chief
 
 SUM = tf.distribute.ReduceOp.SUM
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became non-finite (outside float16 loss-scale skips)."""
+    """The loss or the weights became non-finite (outside float16 loss-scale skips)."""
+
+
+class Preempted(RuntimeError):
+    """A termination signal arrived; a checkpoint was saved at the step in the message."""
 
 
 def create_model(config: Config) -> keras.Model:
@@ -51,9 +56,9 @@ def make_train_loop(strategy, model, optimizer, config: Config, derived: Derived
     variables = model.trainable_variables
     global_batch = config.global_batch_size
 
-    def forward_backward(images, labels):
+    def forward_backward(images, labels, poison):
         with tf.GradientTape() as tape:
-            logits = model(images, training=True)
+            logits = model(images, training=True) * poison  # poison: 1, or NaN for fault injection
             targets = tf.one_hot(labels, config.num_classes)
             per_example = keras.losses.categorical_crossentropy(
                 targets, logits, from_logits=True, label_smoothing=config.label_smoothing)
@@ -70,18 +75,21 @@ def make_train_loop(strategy, model, optimizer, config: Config, derived: Derived
         # Only forward+backward is compiled: compiling the update under a strategy fails on CPU.
         forward_backward = tf.function(forward_backward, jit_compile=True)
 
-    def replica_step(images, labels):
-        grads, loss_sum, correct = forward_backward(images, labels)
+    def replica_step(images, labels, poison):
+        grads, loss_sum, correct = forward_backward(images, labels, poison)
         grads = optimization.prepare_gradients(grads, config.clip_norm, optimization.loss_scale(optimizer))
         optimizer.apply_gradients(zip(grads, variables))
         return loss_sum, correct, tf.cast(tf.shape(labels)[0], tf.float32)
 
     @tf.function
-    def train_loop(iterator, num_steps):
+    def train_loop(iterator, num_steps, first_step, nan_at_step):
+        """`num_steps` steps from global step `first_step`; the step numbered `nan_at_step` (a
+        fault-injection hook for tests, 0 = never) gets a NaN loss."""
         totals = [tf.constant(0.0), tf.constant(0.0), tf.constant(0.0)]
-        for _ in tf.range(num_steps):
+        for i in tf.range(num_steps):
             images, labels = next(iterator)
-            per_replica = strategy.run(replica_step, args=(images, labels))
+            poison = tf.where(first_step + tf.cast(i, tf.int64) + 1 == nan_at_step, float("nan"), 1.0)
+            per_replica = strategy.run(replica_step, args=(images, labels, poison))
             totals = [t + strategy.reduce(SUM, v, axis=None) for t, v in zip(totals, per_replica)]
         return totals
 
@@ -152,6 +160,12 @@ def _say(chief: bool, text: str) -> None:
         print(text, flush=True)
 
 
+def weights_finite(model: keras.Model) -> bool:
+    """True when every weight is finite (checked before each save: never checkpoint a NaN)."""
+    return bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(tf.cast(w.value, tf.float32)))
+                               for w in model.weights]))
+
+
 def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict:
     """Train (resuming from MODEL_DIR if it has a checkpoint), evaluate each epoch, return the summary."""
     wall_start = time.time()
@@ -169,30 +183,38 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
 def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> dict:
     # Seeds python, numpy, TensorFlow and Keras first: tf.data's shuffle order depends on the global seed.
     keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
 
-    # ---- input pipeline
+    # ---- input pipeline (validated before anything is written)
     arrays = None if config.dataset == "synthetic" else data.load_arrays(config)
     sizes = (None, None) if arrays is None else (len(arrays["train"][0]), len(arrays["test"][0]))
     derived = derive(config, strategy.num_replicas_in_sync, *sizes)
-    train_dataset, eval_dataset = data.distributed_datasets(strategy, config, derived, arrays)
-    # Inputs are valid: only now does anything get written.
-    rundir.prepare_model_dir(config, chief)
+    eval_dataset = data.eval_dataset(strategy, config, derived, arrays)
+    moved = rundir.prepare_model_dir(config, chief)
+    if moved:
+        _say(chief, f"--overwrite: moved the previous run to {moved}")
 
-    # ---- model & optimizer
+    # ---- model, optimizer, checkpoint
     with strategy.scope():
         model = create_model(config)
-        optimizer = optimization.create_optimizer(config, derived.total_steps, policy)
+        lr_scale = tf.Variable(1.0, trainable=False, name="lr_scale")
+        optimizer = optimization.create_optimizer(config, derived.total_steps, policy, lr_scale)
         # Keras 3 creates slots lazily, which fails inside a distributed tf.function: build them now.
         optimizer.build(model.trainable_variables)
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var)
+        # Sums (loss, correct, count) of the current epoch, so a resumed run reports the same numbers.
+        epoch_totals = tf.Variable(tf.zeros(3, tf.float64), trainable=False, name="epoch_totals")
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var,
+                                         lr_scale=lr_scale, epoch_totals=epoch_totals)
     resolver = getattr(strategy, "cluster_resolver", None)
     task_id = int(getattr(resolver, "task_id", 0) or 0)
     saver = CheckpointSaver(checkpoint, config.model_dir, chief, task_id, config.keep_checkpoints)
     restored = saver.restore_latest()
-    step = int(step_var.numpy())
     if restored:
-        _say(chief, f"Resumed from {restored} at step {step}/{derived.total_steps}")
+        _say(chief, f"Resumed from {restored} at step {int(step_var.numpy())}/{derived.total_steps}")
+    else:
+        saver.save(0)  # A starting point for --nan_policy=rollback and for resume.
 
     # ---- update and eval steps
     xla = use_xla(config, kind)
@@ -205,91 +227,136 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
         eval_writer = tf.summary.create_file_writer(os.path.join(config.model_dir, "eval"))
     else:
         train_writer = eval_writer = tf.summary.create_noop_writer()
-    params = count_params(model)
     _say(chief, f"ConvMixer-{config.hidden_dim}/{config.depth} k{config.kernel_size} "
-                f"p{config.patch_size}, {params:,} parameters; strategy={config.strategy} "
+                f"p{config.patch_size}, {count_params(model):,} parameters; strategy={config.strategy} "
                 f"replicas={derived.num_replicas} precision={policy} xla={'on' if xla else 'off'}; "
                 f"{derived.total_steps} steps ({derived.epochs} epochs x {derived.steps_per_epoch}), "
                 f"global batch {config.global_batch_size} ({derived.per_replica_batch_size}/replica)")
 
-    # ---- loop
-    iterator = iter(train_dataset)
-    log_every = _log_period(config, derived)
-    timed_images, timed_seconds = 0, 0.0
-    window = np.zeros(3)
-    train_totals = np.zeros(3)
-    eval_metrics: dict = {}
-    first_call = True
-    while step < derived.total_steps:
-        epoch = step // derived.steps_per_epoch
-        epoch_end = min((epoch + 1) * derived.steps_per_epoch, derived.total_steps)
-        window_start = time.time()
-        while step < epoch_end:
-            boundaries = [epoch_end, (step // log_every + 1) * log_every,
-                          (step // config.checkpoint_every_steps + 1) * config.checkpoint_every_steps]
-            n = min([step + config.steps_per_loop] + boundaries) - step
-            lr = float(optimization.current_learning_rate(optimizer))
-            started = time.time()
-            totals = np.array([float(t) for t in train_loop(iterator, tf.constant(n, tf.int32))])
-            seconds = time.time() - started
-            step += n
-            step_var.assign(step)
-            if not math.isfinite(totals[0]) and policy != "mixed_float16":
-                raise TrainingDiverged(f"the training loss became non-finite between steps "
-                                       f"{step - n + 1} and {step}; the last good checkpoint is kept "
-                                       f"in {saver.main_dir}")
-            window += totals
-            train_totals += totals
-            if not first_call:  # The first call includes tracing and compilation.
-                timed_images += n * config.global_batch_size
-                timed_seconds += seconds
-            first_call = False
-            if step % log_every == 0 or step == epoch_end:
-                elapsed = time.time() - window_start
-                rate = timed_images / timed_seconds if timed_seconds else window[2] / max(elapsed, 1e-9)
-                loss, acc = window[0] / max(window[2], 1), window[1] / max(window[2], 1)
-                eta = (derived.total_steps - step) * config.global_batch_size / max(rate, 1e-9)
-                _say(chief, f"epoch {epoch + 1}/{derived.epochs} step {step}/{derived.total_steps} "
-                            f"loss {loss:.4f} acc {acc:.4f} lr {lr:.2e} {rate:,.0f} img/s "
-                            f"ETA {_format_eta(eta)}")
-                with train_writer.as_default(step=step):
-                    tf.summary.scalar("loss", loss)
-                    tf.summary.scalar("accuracy", acc)
-                    tf.summary.scalar("learning_rate", lr)
-                    tf.summary.scalar("images_per_sec", rate)
-                    tf.summary.scalar("step_time_ms", 1000.0 * config.global_batch_size / max(rate, 1e-9))
-                    scale = optimization.loss_scale_value(optimizer)
-                    if scale is not None:
-                        tf.summary.scalar("loss_scale", scale)
-                window[:] = 0
-                window_start = time.time()
-            if step % config.checkpoint_every_steps == 0 and step < derived.total_steps:
-                saver.save(step)
-        eval_metrics = evaluate(eval_step, eval_dataset)
-        _say(chief, f"epoch {epoch + 1}/{derived.epochs} eval loss {eval_metrics['loss']:.4f} "
-                    f"acc {eval_metrics['accuracy']:.4f} top5 {eval_metrics['top5_accuracy']:.4f} "
-                    f"({eval_metrics['examples']} examples)")
+    def save(step: int) -> None:
+        if not weights_finite(model):
+            raise TrainingDiverged(f"the weights became non-finite by step {step}")
+        saver.save(step)
+
+    def log_train(step, epoch, window, lr, rate):
+        loss, acc = window[0] / max(window[2], 1), window[1] / max(window[2], 1)
+        eta = (derived.total_steps - step) * config.global_batch_size / max(rate, 1e-9)
+        _say(chief, f"epoch {epoch + 1}/{derived.epochs} step {step}/{derived.total_steps} "
+                    f"loss {loss:.4f} acc {acc:.4f} lr {lr:.2e} {rate:,.0f} img/s ETA {_format_eta(eta)}")
+        with train_writer.as_default(step=step):
+            tf.summary.scalar("loss", loss)
+            tf.summary.scalar("accuracy", acc)
+            tf.summary.scalar("learning_rate", lr)
+            tf.summary.scalar("images_per_sec", rate)
+            tf.summary.scalar("step_time_ms", 1000.0 * config.global_batch_size / max(rate, 1e-9))
+            scale = optimization.loss_scale_value(optimizer)
+            if scale is not None:
+                tf.summary.scalar("loss_scale", scale)
+
+    def run_eval(step, epoch) -> dict:
+        metrics = evaluate(eval_step, eval_dataset)
+        _say(chief, f"epoch {epoch + 1}/{derived.epochs} eval loss {metrics['loss']:.4f} "
+                    f"acc {metrics['accuracy']:.4f} top5 {metrics['top5_accuracy']:.4f} "
+                    f"({metrics['examples']} examples)")
         with eval_writer.as_default(step=step):
-            tf.summary.scalar("loss", eval_metrics["loss"])
-            tf.summary.scalar("accuracy", eval_metrics["accuracy"])
-            tf.summary.scalar("top5_accuracy", eval_metrics["top5_accuracy"])
+            for key in ("loss", "accuracy", "top5_accuracy"):
+                tf.summary.scalar(key, metrics[key])
+        return metrics
+
+    # ---- loop
+    log_every = _log_period(config, derived)
+    timing = {"images": 0, "seconds": 0.0}
+    nan_at_step = config.fault_inject_nan_at_step
+    eval_metrics: dict = {}
+    rollbacks = 0
+
+    def train_until_done(watcher: PreemptionWatcher) -> dict:
+        nonlocal nan_at_step
+        step = int(step_var.numpy())
+        iterator = iter(data.train_dataset(strategy, config, derived, arrays, step))
+        metrics: dict = {}
+        first_call = True
+        while step < derived.total_steps:
+            epoch = step // derived.steps_per_epoch
+            epoch_end = min((epoch + 1) * derived.steps_per_epoch, derived.total_steps)
+            if step == epoch * derived.steps_per_epoch:
+                epoch_totals.assign(tf.zeros(3, tf.float64))
+            window = np.zeros(3)
+            while step < epoch_end:
+                boundaries = [epoch_end, (step // log_every + 1) * log_every,
+                              (step // config.checkpoint_every_steps + 1) * config.checkpoint_every_steps]
+                n = min([step + config.steps_per_loop] + boundaries) - step
+                lr = float(optimization.current_learning_rate(optimizer))
+                started = time.time()
+                totals = np.array([float(t) for t in train_loop(
+                    iterator, tf.constant(n, tf.int32), tf.constant(step, tf.int64),
+                    tf.constant(nan_at_step, tf.int64))])
+                seconds = time.time() - started
+                if step < nan_at_step <= step + n:
+                    nan_at_step = 0  # The injected fault fires once per process.
+                if not math.isfinite(totals[0]) and policy != "mixed_float16":
+                    raise TrainingDiverged(f"the training loss became non-finite between steps "
+                                           f"{step + 1} and {step + n}")
+                step += n
+                step_var.assign(step)
+                epoch_totals.assign_add(totals)
+                window += totals
+                if not first_call:  # The first call includes tracing and compilation.
+                    timing["images"] += n * config.global_batch_size
+                    timing["seconds"] += seconds
+                first_call = False
+                if step % log_every == 0 or step == epoch_end:
+                    rate = (timing["images"] / timing["seconds"] if timing["seconds"]
+                            else n * config.global_batch_size / max(seconds, 1e-9))
+                    log_train(step, epoch, window, lr, rate)
+                    window[:] = 0
+                if watcher.should_stop():
+                    save(step)
+                    raise Preempted(f"stopped by signal at step {step}; checkpoint saved in "
+                                    f"{saver.main_dir}, rerun the same command to resume")
+                # Checkpoints at an epoch's end wait for its evaluation (below), so a resumed run
+                # never skips an evaluation.
+                if step % config.checkpoint_every_steps == 0 and step < epoch_end:
+                    save(step)
+            metrics = run_eval(step, epoch)
+            if step % config.checkpoint_every_steps == 0 or step == derived.total_steps:
+                save(step)
+        return metrics
+
+    with PreemptionWatcher(strategy) as watcher:
+        while True:
+            try:
+                eval_metrics = train_until_done(watcher)
+                break
+            except TrainingDiverged as err:
+                if config.nan_policy != "rollback" or rollbacks >= config.nan_max_rollbacks:
+                    raise TrainingDiverged(f"{err}; the last good checkpoint is kept in "
+                                           f"{saver.main_dir}") from None
+                rollbacks += 1
+                path = saver.restore_latest()
+                lr_scale.assign(lr_scale * config.nan_lr_factor)
+                _say(chief, f"warning: {err}; rolled back to {path} (step {int(step_var.numpy())}) "
+                            f"with learning rate x{float(lr_scale.numpy()):g} "
+                            f"(rollback {rollbacks}/{config.nan_max_rollbacks})")
+    step = int(step_var.numpy())
     if not eval_metrics:  # Resumed a finished run: evaluate the restored weights.
         eval_metrics = evaluate(eval_step, eval_dataset)
-    saver.save(step)
     for writer in (train_writer, eval_writer):
         writer.flush()
 
-    summary = {
+    totals = epoch_totals.numpy()
+    return {
         "eval_accuracy": eval_metrics["accuracy"], "eval_loss": eval_metrics["loss"],
         "eval_top5_accuracy": eval_metrics["top5_accuracy"], "eval_examples": eval_metrics["examples"],
-        "train_loss": train_totals[0] / train_totals[2] if train_totals[2] else None,
-        "train_accuracy": train_totals[1] / train_totals[2] if train_totals[2] else None,
+        # Mean over the last epoch's steps (restored across restarts).
+        "train_loss": totals[0] / totals[2] if totals[2] else None,
+        "train_accuracy": totals[1] / totals[2] if totals[2] else None,
         "steps": step, "epochs": derived.epochs, "steps_per_epoch": derived.steps_per_epoch,
-        "images_per_sec": timed_images / timed_seconds if timed_seconds else None,
+        "images_per_sec": timing["images"] / timing["seconds"] if timing["seconds"] else None,
         "wall_seconds": time.time() - wall_start,
         "num_replicas": derived.num_replicas, "precision": policy, "xla": xla,
         "strategy": config.strategy, "model": config.model, "parameters": count_params(model),
         "global_batch_size": config.global_batch_size, "resumed_from": restored,
+        "nan_rollbacks": rollbacks, "learning_rate_scale": float(lr_scale.numpy()),
         **weights_fingerprint(model),
     }
-    return summary
