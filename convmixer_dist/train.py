@@ -205,8 +205,12 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         # Sums (loss, correct, count) of the current epoch, so a resumed run reports the same numbers.
         epoch_totals = tf.Variable(tf.zeros(3, tf.float64), trainable=False, name="epoch_totals")
+        # Dropout's random-number state is not part of a Keras model's TF checkpoint; saving it is
+        # what lets a resumed run draw the same dropout masks as an uninterrupted one.
+        rng = tf.train.Checkpoint(**{f"state{i}": v.value for i, v in enumerate(model.variables)
+                                     if "seed_generator" in v.path})
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var,
-                                         lr_scale=lr_scale, epoch_totals=epoch_totals)
+                                         lr_scale=lr_scale, epoch_totals=epoch_totals, rng=rng)
     resolver = getattr(strategy, "cluster_resolver", None)
     task_id = int(getattr(resolver, "task_id", 0) or 0)
     saver = CheckpointSaver(checkpoint, config.model_dir, chief, task_id, config.keep_checkpoints)
