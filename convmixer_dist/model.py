@@ -9,10 +9,10 @@ Layer names are stable and hierarchical (`stem_conv`, `block03_depthwise_conv`, 
 """
 from __future__ import annotations
 
-from typing import Any
-
 import keras
 from keras import layers
+
+from convmixer_dist.presets import ACTIVATIONS, PRESETS  # noqa: F401  (re-exported)
 
 # PyTorch BatchNorm2d defaults used by the reference model: momentum 0.1 (new-statistic weight), which
 # is 0.9 in Keras' convention (old-statistic weight), and epsilon 1e-5. Keras' own defaults (0.99, 1e-3)
@@ -20,55 +20,43 @@ from keras import layers
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
-# Named sizes from the paper. CIFAR presets take 32x32 inputs and 10 classes; ImageNet ones 224 / 1000.
-PRESETS: dict[str, dict[str, Any]] = {
-    "convmixer_256_8": dict(hidden_dim=256, depth=8, kernel_size=5, patch_size=2, num_classes=10,
-                            image_size=32, activation="gelu"),
-    "convmixer_768_32": dict(hidden_dim=768, depth=32, kernel_size=7, patch_size=7, num_classes=1000,
-                             image_size=224, activation="relu"),
-    "convmixer_1024_20": dict(hidden_dim=1024, depth=20, kernel_size=9, patch_size=14, num_classes=1000,
-                              image_size=224, activation="gelu"),
-    "convmixer_1536_20": dict(hidden_dim=1536, depth=20, kernel_size=9, patch_size=7, num_classes=1000,
-                              image_size=224, activation="gelu"),
-}
 
-ACTIVATIONS = ("gelu", "relu", "silu")
-
-
-def _act_bn(x, activation: str, prefix: str):
+def _act_bn(x, activation: str, prefix: str, sync_bn: bool):
     """Activation then BatchNorm, the order used throughout ConvMixer."""
     x = layers.Activation(activation, name=f"{prefix}_act")(x)
-    return layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"{prefix}_bn")(x)
+    return layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, synchronized=sync_bn,
+                                     name=f"{prefix}_bn")(x)
 
 
-def _mixer_block(x, index: int, hidden_dim: int, kernel_size: int, activation: str):
+def _mixer_block(x, index: int, hidden_dim: int, kernel_size: int, activation: str, sync_bn: bool):
     """Residual(depthwise conv -> act -> BN), then pointwise (1x1) conv -> act -> BN."""
     name = f"block{index:02d}"
     shortcut = x
     x = layers.DepthwiseConv2D(kernel_size, padding="same", name=f"{name}_depthwise_conv")(x)
-    x = _act_bn(x, activation, f"{name}_depthwise")
+    x = _act_bn(x, activation, f"{name}_depthwise", sync_bn)
     x = layers.Add(name=f"{name}_residual")([x, shortcut])
     x = layers.Conv2D(hidden_dim, 1, name=f"{name}_pointwise_conv")(x)
-    return _act_bn(x, activation, f"{name}_pointwise")
+    return _act_bn(x, activation, f"{name}_pointwise", sync_bn)
 
 
 def build_convmixer(hidden_dim: int, depth: int, kernel_size: int, patch_size: int, num_classes: int,
                     image_size: int, activation: str = "gelu", dropout_rate: float = 0.0,
-                    channels: int = 3, name: str = "convmixer") -> keras.Model:
+                    sync_bn: bool = False, channels: int = 3, name: str = "convmixer") -> keras.Model:
     """Build a ConvMixer-`hidden_dim`/`depth` that returns float32 logits.
 
     Architecture (exactly the reference implementation): patch embedding Conv(patch, stride patch)
     -> act -> BN; `depth` x [Residual(DepthwiseConv k 'same' -> act -> BN) -> Conv 1x1 -> act -> BN];
     global average pool -> Dense. Optional dropout (as in the seed implementation) before every block
-    and before the head; the paper uses none (0.0).
+    and before the head; the paper uses none (0.0). `sync_bn` computes BatchNorm statistics over the
+    global batch (all replicas) instead of each replica's share, at the cost of an all-reduce per layer.
     """
     inputs = keras.Input((image_size, image_size, channels), name="images")
     x = layers.Conv2D(hidden_dim, patch_size, strides=patch_size, name="stem_conv")(inputs)
-    x = _act_bn(x, activation, "stem")
+    x = _act_bn(x, activation, "stem", sync_bn)
     for i in range(depth):
         if dropout_rate > 0:
             x = layers.Dropout(dropout_rate, name=f"block{i:02d}_dropout")(x)
-        x = _mixer_block(x, i, hidden_dim, kernel_size, activation)
+        x = _mixer_block(x, i, hidden_dim, kernel_size, activation, sync_bn)
     # The head runs in float32 so logits (and the loss computed from them) are float32 under any policy.
     x = layers.GlobalAveragePooling2D(name="head_pool", dtype="float32")(x)
     if dropout_rate > 0:

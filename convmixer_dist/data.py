@@ -1,0 +1,277 @@
+"""Input pipelines: the CIFAR python-format reader, learnable synthetic data, and the distributed
+tf.data pipelines built with `strategy.distribute_datasets_from_function`.
+
+Each input pipeline (one per worker) reads a distinct shard; batches are per-replica
+(global / replicas). Training visits its shard in a fresh full permutation every epoch and augments
+per image (random crop with padding and horizontal flip) with stateless ops keyed by the run seed and
+the example's stream position, so a run is reproducible and resumable at any step. Evaluation is
+never augmented and covers every example exactly once (the last, partial batch is kept).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import pickle
+import tarfile
+from typing import Callable, Iterable
+
+import numpy as np
+import tensorflow as tf
+
+from convmixer_dist.config import Config, Derived
+from convmixer_dist.errors import UsageError
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+# Per-channel statistics in the 0..255 scale (the reference recipe's values for CIFAR-10).
+CIFAR10_MEAN = (125.307, 122.961, 113.8575)
+CIFAR10_STD = (63.0105, 62.0925, 66.7080)
+CIFAR100_MEAN = (129.3105, 124.1085, 112.404)
+CIFAR100_STD = (68.2125, 65.4075, 70.4055)
+SYNTHETIC_MEAN = (127.5, 127.5, 127.5)
+SYNTHETIC_STD = (64.0, 64.0, 64.0)
+NORMALIZATION = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
+                 "synthetic": (SYNTHETIC_MEAN, SYNTHETIC_STD)}
+
+_CIFAR_LAYOUT = {
+    # dataset: (folder inside data_dir / archive, train file glob, test file name, label key)
+    "cifar10": ("cifar-10-batches-py", "data_batch_*", "test_batch", b"labels"),
+    "cifar100": ("cifar-100-python", "train", "test", b"fine_labels"),
+}
+_ARCHIVES = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}
+
+
+# --------------------------------------------------------------------------- CIFAR python format
+def _decode_batch(blob: dict, label_key: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """One unpickled CIFAR file -> (N,32,32,3) uint8 images and (N,) int32 labels."""
+    try:
+        data = np.asarray(blob[b"data"], dtype=np.uint8)
+        labels = np.asarray(blob[label_key], dtype=np.int32)
+        images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    except (KeyError, ValueError, TypeError) as err:
+        raise UsageError(f"{source} is not a CIFAR python-format batch ({err.__class__.__name__})") from None
+    if len(images) != len(labels):
+        raise UsageError(f"{source} is corrupt: {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+def _unpickle(fileobj, source: str) -> dict:
+    # The only pickle loading in the project: the official CIFAR distribution format.
+    try:
+        return pickle.load(fileobj, encoding="bytes")
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a corrupt/foreign file
+        raise UsageError(f"{source} is not a readable CIFAR python-format file "
+                         f"({err.__class__.__name__})") from None
+
+
+def _concat(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _read_folder(folder: str, dataset: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    _, train_glob, test_name, label_key = _CIFAR_LAYOUT[dataset]
+    train_files = sorted(glob.glob(os.path.join(folder, train_glob)))
+    test_file = os.path.join(folder, test_name)
+    if not train_files or not os.path.isfile(test_file):
+        raise UsageError(f"--data_dir: {folder} lacks the {dataset} files ({train_glob} and {test_name})")
+    splits = {}
+    for split, files in (("train", train_files), ("test", [test_file])):
+        parts = []
+        for path in files:
+            with open(path, "rb") as f:
+                parts.append(_decode_batch(_unpickle(f, path), label_key, path))
+        splits[split] = _concat(parts)
+    return splits
+
+
+def _read_archive(path: str, dataset: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    folder, train_glob, test_name, label_key = _CIFAR_LAYOUT[dataset]
+    train_parts, test_parts = [], []
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)
+            for member in members:
+                parent, name = os.path.split(member.name)
+                if os.path.basename(parent) != folder:
+                    continue
+                if glob.fnmatch.fnmatch(name, train_glob):
+                    target = train_parts
+                elif name == test_name:
+                    target = test_parts
+                else:
+                    continue
+                source = f"{path}:{member.name}"
+                target.append(_decode_batch(_unpickle(tar.extractfile(member), source), label_key, source))
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise UsageError(f"--data_dir: {path} is not a readable .tar.gz ({err})") from None
+    if not train_parts or not test_parts:
+        raise UsageError(f"--data_dir: {path} lacks {folder}/{train_glob} or {folder}/{test_name}")
+    return {"train": _concat(train_parts), "test": _concat(test_parts)}
+
+
+def read_cifar(data_dir: str, dataset: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Read CIFAR-10/100 in the official python format.
+
+    `data_dir` may be the extracted folder (`cifar-10-batches-py`), its parent, the `.tar.gz` itself,
+    or a folder holding the `.tar.gz`. Per-file sample counts are not assumed.
+    Returns {"train": (images, labels), "test": (images, labels)} with uint8 NHWC images.
+    """
+    folder_name = _CIFAR_LAYOUT[dataset][0]
+    if os.path.isfile(data_dir):
+        return _read_archive(data_dir, dataset)
+    for candidate in (data_dir, os.path.join(data_dir, folder_name)):
+        if os.path.isfile(os.path.join(candidate, _CIFAR_LAYOUT[dataset][2])):
+            return _read_folder(candidate, dataset)
+    archive = os.path.join(data_dir, _ARCHIVES[dataset])
+    if os.path.isfile(archive):
+        return _read_archive(archive, dataset)
+    raise UsageError(f"--data_dir={data_dir} holds neither {folder_name}/ nor {_ARCHIVES[dataset]} "
+                     f"for --dataset={dataset}")
+
+
+def load_arrays(config: Config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """CIFAR arrays from `--data_dir`, or from keras.datasets (download + cache) without it."""
+    if config.data_dir:
+        return read_cifar(config.data_dir, config.dataset)
+    import keras  # Imported here: only this path needs the downloader.
+
+    loader = {"cifar10": keras.datasets.cifar10, "cifar100": keras.datasets.cifar100}[config.dataset]
+    try:
+        (x_train, y_train), (x_test, y_test) = loader.load_data()
+    except Exception as err:  # noqa: BLE001 - any download/cache failure has the same remedy
+        raise UsageError(f"could not download {config.dataset} ({err.__class__.__name__}); pass "
+                         f"--data_dir with the python-format files, or use --dataset=synthetic") from None
+    return {"train": (x_train, y_train.reshape(-1).astype(np.int32)),
+            "test": (x_test, y_test.reshape(-1).astype(np.int32))}
+
+
+# --------------------------------------------------------------------------- synthetic data
+def synthetic_example(index, seed: int, image_size: int, num_classes: int):
+    """A learnable example: a smooth class-specific pattern plus noise, as uint8 (in-graph).
+
+    The class templates depend only on `seed`; `index` picks the label and the noise.
+    """
+    index = tf.cast(index, tf.int32)
+    coarse = tf.random.stateless_uniform([num_classes, 4, 4, 3], seed=[seed, 7919], minval=-1.0, maxval=1.0)
+    templates = tf.image.resize(coarse, [image_size, image_size], method="bilinear")
+    label = tf.random.stateless_uniform([], seed=[seed, index], maxval=num_classes, dtype=tf.int32)
+    noise = tf.random.stateless_normal([image_size, image_size, 3], seed=[seed + 1, index])
+    image = 127.5 + 50.0 * tf.gather(templates, label) + 90.0 * noise
+    return tf.cast(tf.clip_by_value(image, 0.0, 255.0), tf.uint8), label
+
+
+# --------------------------------------------------------------------------- pipelines
+def normalize(images, mean: Iterable[float], std: Iterable[float]):
+    """uint8/float images in 0..255 -> float32 (x - mean) / std per channel."""
+    images = tf.cast(images, tf.float32)
+    return (images - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def basic_augment(image, seed, image_size: int):
+    """Random crop after zero padding (4 px at 32, scaled with size) and a random horizontal flip."""
+    pad = max(1, image_size // 8)
+    padded = tf.image.pad_to_bounding_box(image, pad, pad, image_size + 2 * pad, image_size + 2 * pad)
+    cropped = tf.image.stateless_random_crop(padded, [image_size, image_size, 3], seed=seed)
+    return tf.image.stateless_random_flip_left_right(cropped, seed=seed[::-1])
+
+
+def _example_fn(config: Config, split: str, arrays) -> Callable:
+    """index -> (uint8 image at config.image_size, int32 label), in-graph (random access by index)."""
+    if config.dataset == "synthetic":
+        # Eval indices are offset so they never coincide with training examples.
+        offset = 0 if split == "train" else 1 << 30
+        return lambda i: synthetic_example(i + offset, config.seed, config.image_size, config.num_classes)
+    images, labels = arrays["train" if split == "train" else "test"]
+    images, labels = tf.constant(images), tf.constant(labels)
+    resize = images.shape[1] != config.image_size
+
+    def example(i):
+        image = tf.gather(images, i)
+        if resize:
+            image = tf.cast(tf.image.resize(image, [config.image_size] * 2), tf.uint8)
+        return image, tf.gather(labels, i)
+
+    return example
+
+
+def _train_indices(size: int, num_shards: int, shard: int, seed: int, start: int) -> tf.data.Dataset:
+    """Endless stream of (position, example index) over this shard, each epoch a full permutation.
+
+    Epoch e's order is a pure function of (seed, e), so resuming at stream position `start`
+    reproduces exactly what an uninterrupted run reads next, without saving iterator state.
+    """
+    indices = tf.range(shard, size, num_shards, dtype=tf.int64)
+    shard_len = shard_size(size, num_shards, shard)
+    first_epoch, offset = divmod(start, shard_len)
+
+    def epoch(e):
+        order = tf.argsort(tf.random.stateless_uniform([shard_len], seed=tf.stack([seed, e])))
+        return tf.data.Dataset.zip((tf.data.Dataset.range(e * shard_len, (e + 1) * shard_len),
+                                    tf.data.Dataset.from_tensor_slices(tf.gather(indices, order))))
+
+    return tf.data.Dataset.range(first_epoch, 2 ** 62).flat_map(epoch).skip(offset)
+
+
+def shard_size(total: int, num_shards: int, index: int) -> int:
+    """Elements of shard `index` of `num_shards` over `total` elements (as Dataset.shard splits)."""
+    return len(range(index, total, num_shards))
+
+
+def make_dataset_fn(config: Config, derived: Derived, split: str, arrays=None,
+                    start_step: int = 0) -> Callable:
+    """The per-input-pipeline dataset builder for `strategy.distribute_datasets_from_function`.
+
+    Training data starts at global step `start_step` (resume) and is identical, batch for batch, to
+    what an uninterrupted run reads at that step.
+    """
+    mean, std = NORMALIZATION[config.dataset]
+    batch = derived.per_replica_batch_size
+    example = _example_fn(config, split, arrays)
+
+    def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        pipeline, pipelines = ctx.input_pipeline_id, ctx.num_input_pipelines
+        if split == "train":
+            # Each global step consumes one per-replica batch per replica of this pipeline.
+            per_step = batch * (ctx.num_replicas_in_sync // pipelines)
+            ds = _train_indices(derived.train_size, pipelines, pipeline, config.seed * 997 + pipeline,
+                                start_step * per_step)
+            aug_seed = tf.constant(config.seed * 7919 + pipeline, tf.int64)
+
+            def load(position, index):
+                image, label = example(index)
+                if config.augment == "basic":
+                    image = basic_augment(image, tf.stack([aug_seed, position]), config.image_size)
+                return image, label
+
+            ds = ds.map(load, num_parallel_calls=AUTOTUNE).batch(batch, drop_remainder=True)
+        else:
+            ds = tf.data.Dataset.range(pipeline, derived.eval_size, pipelines)
+            # Keep the partial batch: every example is evaluated exactly once.
+            ds = ds.map(example, num_parallel_calls=AUTOTUNE).batch(batch)
+        ds = ds.map(lambda x, y: (normalize(x, mean, std), y), num_parallel_calls=AUTOTUNE)
+        return ds.prefetch(AUTOTUNE)
+
+    return dataset_fn
+
+
+def train_dataset(strategy: tf.distribute.Strategy, config: Config, derived: Derived, arrays=None,
+                  start_step: int = 0):
+    """The distributed training dataset, starting at global step `start_step`."""
+    return strategy.distribute_datasets_from_function(
+        make_dataset_fn(config, derived, "train", arrays, start_step), _INPUT_OPTIONS)
+
+
+def eval_dataset(strategy: tf.distribute.Strategy, config: Config, derived: Derived, arrays=None):
+    """The distributed evaluation dataset (every example once, no augmentation)."""
+    return strategy.distribute_datasets_from_function(
+        make_dataset_fn(config, derived, "eval", arrays), _INPUT_OPTIONS)
+
+
+_INPUT_OPTIONS = tf.distribute.InputOptions(experimental_fetch_to_device=True)
+
+
+def distributed_datasets(strategy: tf.distribute.Strategy, config: Config, derived: Derived,
+                         arrays=None, start_step: int = 0):
+    """(train, eval) distributed datasets; `arrays` are the CIFAR arrays (None for synthetic)."""
+    return (train_dataset(strategy, config, derived, arrays, start_step),
+            eval_dataset(strategy, config, derived, arrays))

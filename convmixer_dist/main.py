@@ -1,0 +1,72 @@
+"""Train a ConvMixer under a tf.distribute strategy.
+
+Single host:
+  python -m convmixer_dist.main --strategy=mirrored --cpu_replicas=2 --flagfile=configs/quickstart.flags
+  python -m convmixer_dist.main --strategy=mirrored --flagfile=configs/cifar10_convmixer256_8.flags \
+      --data_dir=/data/cifar10
+Multi-node (see launch/ and README "Multi-node"): the same command with --strategy=multi_worker on
+every node, TF_CONFIG set per node (launch/local.sh, launch/ssh.sh, launch/slurm.sbatch, launch/k8s/).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+from convmixer_dist import flags as cli  # Defines the flags.
+from convmixer_dist import rundir
+from convmixer_dist.errors import UsageError, report_and_exit
+
+EXIT_DIVERGED = 3  # Non-finite loss/weights; the last good checkpoint is kept.
+EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1: checkpoint saved, rerun to resume (EX_TEMPFAIL).
+
+flags.adopt_module_key_flags(cli)  # `--help` lists the training flags, not only absl's own.
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl parsing whose errors (unknown flag/value, missing flagfile) are one line, exit code 2."""
+    try:
+        return cli.FLAGS(argv)
+    except flags.Error as err:
+        report_and_exit(UsageError(str(err)))
+
+
+def run(argv: list[str]) -> dict:
+    """Parse flags into a Config, create the strategy, train and evaluate; returns the summary."""
+    del argv
+    config = cli.config_from_flags()
+    logging.set_verbosity(logging.WARNING)  # TensorFlow's Python INFO logs would drown the progress.
+    # TensorFlow loads only after the flags are valid; strategy first, because
+    # MultiWorkerMirroredStrategy must exist before any other TensorFlow op.
+    from convmixer_dist.runtime import quiet_tensorflow_import
+    quiet_tensorflow_import()
+    from convmixer_dist import strategy as strategy_lib
+    from convmixer_dist import train
+
+    strategy = strategy_lib.create_strategy(config)
+    chief = strategy_lib.is_chief(strategy)
+    try:
+        summary = train.train_and_evaluate(config, strategy)
+    except train.TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_DIVERGED)
+    except train.Preempted as err:
+        print(f"preempted: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)
+    if chief:
+        rundir.write_json(os.path.join(config.model_dir, "summary.json"), summary)
+        print(f"Done: eval accuracy {summary['eval_accuracy']:.4f}, {summary['steps']} steps; "
+              f"summary in {os.path.join(config.model_dir, 'summary.json')}", flush=True)
+    return summary
+
+
+def main(argv: list[str]) -> None:
+    try:
+        run(argv)
+    except UsageError as err:
+        report_and_exit(err)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

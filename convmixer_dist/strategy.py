@@ -1,0 +1,123 @@
+"""One validated factory from the config to a tf.distribute strategy.
+
+- `one_device`: the first GPU, or the CPU.
+- `mirrored`: all (or `--num_gpus`) local GPUs; without GPUs, `--cpu_replicas` logical CPU devices.
+- `multi_worker`: MultiWorkerMirroredStrategy over the cluster in TF_CONFIG (or Slurm's environment).
+
+`configure_devices` must run before TensorFlow initialises its runtime, and MultiWorkerMirroredStrategy
+must be created before any other TensorFlow op; `main` therefore calls `create_strategy` first.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow as tf
+
+from convmixer_dist.config import Config
+from convmixer_dist.errors import UsageError
+
+
+def configure_devices(cpu_replicas: int) -> None:
+    """Split the host CPU into `cpu_replicas` logical devices (no-op for 1 or once TF is initialised
+    with at least that many)."""
+    cpus = tf.config.list_physical_devices("CPU")
+    if cpu_replicas <= 1:
+        return
+    try:
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(cpu_replicas)])
+    except RuntimeError:
+        # The runtime is already initialised (e.g. a second run in the same process): reuse what exists.
+        available = len(tf.config.list_logical_devices("CPU"))
+        if available < cpu_replicas:
+            raise UsageError(f"--cpu_replicas={cpu_replicas}: TensorFlow already started with "
+                             f"{available} logical CPU devices in this process") from None
+
+
+def _local_gpus(num_gpus: int) -> list[str]:
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    if num_gpus >= 0:
+        if num_gpus > len(gpus):
+            raise UsageError(f"--num_gpus={num_gpus} but only {len(gpus)} GPU(s) are visible")
+        gpus = gpus[:num_gpus]
+    return gpus
+
+
+def _mirrored_cross_device_ops(all_reduce: str, on_gpu: bool):
+    if all_reduce == "nccl":
+        if not on_gpu:
+            raise UsageError("--all_reduce=nccl needs GPUs; use auto or hierarchical_copy on CPU")
+        return tf.distribute.NcclAllReduce(num_packs=1)
+    if all_reduce == "hierarchical_copy":
+        return tf.distribute.HierarchicalCopyAllReduce()
+    if not on_gpu:
+        # NCCL (the GPU default) does not exist on CPU; reduce through one device instead.
+        return tf.distribute.ReductionToOneDevice()
+    return None  # auto on GPUs: TensorFlow picks NCCL when available.
+
+
+def validate_tf_config(raw: str | None) -> dict:
+    """Parse TF_CONFIG for multi_worker; one-line UsageError when missing or malformed."""
+    expected = ('{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": I}} '
+                "(launch/local.sh writes it for you)")
+    if not raw:
+        raise UsageError(f"--strategy=multi_worker needs TF_CONFIG; set it to {expected}")
+    try:
+        spec = json.loads(raw)
+        workers = spec["cluster"]["worker"] + spec["cluster"].get("chief", [])
+        task_type, index = spec["task"]["type"], int(spec["task"]["index"])
+        assert task_type in spec["cluster"] and 0 <= index < len(spec["cluster"][task_type])
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise UsageError(f"TF_CONFIG is malformed: expected {expected}") from None
+    if len(workers) < 2:
+        raise UsageError("--strategy=multi_worker needs at least 2 tasks in TF_CONFIG; use "
+                         "--strategy=mirrored on one host")
+    return spec
+
+
+def create_strategy(config: Config) -> tf.distribute.Strategy:
+    """Build the strategy named by `config.strategy`."""
+    if config.strategy == "multi_worker":
+        validate_tf_config(os.environ.get("TF_CONFIG"))
+        options = tf.distribute.experimental.CommunicationOptions(
+            implementation={"auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
+                            "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
+                            "ring": tf.distribute.experimental.CommunicationImplementation.RING
+                            }[config.all_reduce],
+            timeout_seconds=config.collective_timeout)
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    raw = os.environ.get("TF_CONFIG")
+    if raw is not None and not raw.strip():
+        del os.environ["TF_CONFIG"]  # TensorFlow would fail to parse an empty TF_CONFIG.
+    elif raw is not None:
+        try:
+            json.loads(raw)
+        except ValueError:
+            raise UsageError("TF_CONFIG is not valid JSON; unset it for single-host strategies") from None
+    configure_devices(config.cpu_replicas if config.strategy == "mirrored" else 1)
+    gpus = _local_gpus(config.num_gpus)
+    if config.strategy == "one_device":
+        return tf.distribute.OneDeviceStrategy(gpus[0] if gpus else "/cpu:0")
+    if gpus:
+        devices = gpus
+    else:
+        devices = [d.name for d in tf.config.list_logical_devices("CPU")][:config.cpu_replicas]
+    return tf.distribute.MirroredStrategy(
+        devices=devices, cross_device_ops=_mirrored_cross_device_ops(config.all_reduce, bool(gpus)))
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True on the one task that writes summaries, logs and summary.json."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    return task_type == "chief" or (task_type == "worker" and task_id == 0 and
+                                     "chief" not in resolver.cluster_spec().as_dict())
+
+
+def device_kind(strategy: tf.distribute.Strategy) -> str:
+    """'gpu' when the strategy's replicas are GPUs, else 'cpu'."""
+    devices = strategy.extended.worker_devices
+    return "gpu" if any("GPU" in d.upper() for d in devices) else "cpu"

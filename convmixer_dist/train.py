@@ -1,0 +1,362 @@
+"""The training loop: `train_and_evaluate(config, strategy)` reads top to bottom.
+
+input pipeline -> model & optimizer (in `strategy.scope()`) -> step functions -> checkpoint/resume ->
+loop (train `--steps_per_loop` steps per tf.function call, evaluate each epoch) -> summary.json.
+Side effects (TensorBoard summaries, progress lines, summary.json) come from the chief only; every
+worker takes part in checkpoint saves.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from convmixer_dist import data, optimization, rundir
+from convmixer_dist.checkpoint import CheckpointSaver
+from convmixer_dist.config import Config, Derived, derive
+from convmixer_dist.model import build_convmixer, count_params
+from convmixer_dist.precision import resolve_precision
+from convmixer_dist.preemption import PreemptionWatcher
+from convmixer_dist.strategy import device_kind, is_chief
+
+SUM = tf.distribute.ReduceOp.SUM
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became non-finite (outside float16 loss-scale skips)."""
+
+
+class Preempted(RuntimeError):
+    """A termination signal arrived; a checkpoint was saved at the step in the message."""
+
+
+def create_model(config: Config) -> keras.Model:
+    """The ConvMixer described by the config."""
+    return build_convmixer(hidden_dim=config.hidden_dim, depth=config.depth,
+                           kernel_size=config.kernel_size, patch_size=config.patch_size,
+                           num_classes=config.num_classes, image_size=config.image_size,
+                           activation=config.activation, dropout_rate=config.dropout_rate,
+                           sync_bn=config.sync_bn)
+
+
+def use_xla(config: Config, kind: str) -> bool:
+    """XLA for the per-replica forward/backward: on GPUs by default, off on CPU (~7x slower there)."""
+    return config.xla == "on" or (config.xla == "auto" and kind == "gpu")
+
+
+def make_train_loop(strategy, model, optimizer, config: Config, derived: Derived, xla: bool) -> Callable:
+    """A tf.function running `num_steps` training steps; returns summed (loss, correct, count)."""
+    variables = model.trainable_variables
+    global_batch = config.global_batch_size
+
+    def forward_backward(images, labels, poison):
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True) * poison  # poison: 1, or NaN for fault injection
+            targets = tf.one_hot(labels, config.num_classes)
+            per_example = keras.losses.categorical_crossentropy(
+                targets, logits, from_logits=True, label_smoothing=config.label_smoothing)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            scaled = optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, variables)
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels),
+                                        tf.float32))
+        return grads, tf.reduce_sum(per_example), correct
+
+    if xla:
+        # Only forward+backward is compiled: compiling the update under a strategy fails on CPU.
+        forward_backward = tf.function(forward_backward, jit_compile=True)
+
+    def replica_step(images, labels, poison):
+        grads, loss_sum, correct = forward_backward(images, labels, poison)
+        grads = optimization.prepare_gradients(grads, config.clip_norm, optimization.loss_scale(optimizer))
+        optimizer.apply_gradients(zip(grads, variables))
+        return loss_sum, correct, tf.cast(tf.shape(labels)[0], tf.float32)
+
+    @tf.function
+    def train_loop(iterator, num_steps, first_step, nan_at_step):
+        """`num_steps` steps from global step `first_step`; the step numbered `nan_at_step` (a
+        fault-injection hook for tests, 0 = never) gets a NaN loss."""
+        totals = [tf.constant(0.0), tf.constant(0.0), tf.constant(0.0)]
+        for i in tf.range(num_steps):
+            images, labels = next(iterator)
+            poison = tf.where(first_step + tf.cast(i, tf.int64) + 1 == nan_at_step, float("nan"), 1.0)
+            per_replica = strategy.run(replica_step, args=(images, labels, poison))
+            totals = [t + strategy.reduce(SUM, v, axis=None) for t, v in zip(totals, per_replica)]
+        return totals
+
+    return train_loop
+
+
+def make_eval_step(strategy, model, config: Config) -> Callable:
+    """A tf.function returning summed (loss, top-1 correct, top-5 correct, count) of one batch."""
+    top_k = min(5, config.num_classes)
+
+    def replica_sums(images, labels):
+        logits = model(images, training=False)
+        per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        top1 = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
+        topk = tf.cast(tf.math.in_top_k(labels, logits, top_k), tf.float32)
+        return tf.stack([tf.reduce_sum(per_example), tf.reduce_sum(top1), tf.reduce_sum(topk),
+                         tf.cast(tf.shape(labels)[0], tf.float32)])
+
+    def replica_eval(images, labels):
+        # At the end of the split some replicas receive an empty batch, which the oneDNN convolution
+        # rejects; they contribute zeros instead.
+        return tf.cond(tf.shape(labels)[0] > 0, lambda: replica_sums(images, labels),
+                       lambda: tf.zeros([4]))
+
+    @tf.function(reduce_retracing=True)
+    def eval_step(images, labels):
+        return strategy.reduce(SUM, strategy.run(replica_eval, args=(images, labels)), axis=None)
+
+    return eval_step
+
+
+def evaluate(eval_step: Callable, eval_dataset) -> dict:
+    """Loss, top-1 and top-5 over the whole evaluation split (every example exactly once)."""
+    totals = np.zeros(4)
+    for images, labels in eval_dataset:
+        totals += eval_step(images, labels).numpy()
+    loss, top1, top5, count = totals
+    return {"loss": loss / max(count, 1), "accuracy": top1 / max(count, 1),
+            "top5_accuracy": top5 / max(count, 1), "examples": int(count)}
+
+
+def weights_fingerprint(model: keras.Model) -> dict:
+    """Checksums of the weights: sha256 of the bytes (exact) and the sum of |w| (for tolerances)."""
+    digest = hashlib.sha256()
+    abs_sum = 0.0
+    for weight in model.weights:
+        value = np.asarray(keras.ops.convert_to_numpy(weight), dtype=np.float32)
+        digest.update(value.tobytes())
+        abs_sum += float(np.abs(value.astype(np.float64)).sum())
+    return {"weights_sha256": digest.hexdigest(), "weights_abs_sum": abs_sum}
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _log_period(config: Config, derived: Derived) -> int:
+    if config.log_every_steps:
+        return config.log_every_steps
+    # About ten lines per epoch, at loop boundaries so logging never shortens a tf.function call.
+    tenth = max(1, min(derived.steps_per_epoch, derived.total_steps) // 10)
+    return max(1, round(tenth / config.steps_per_loop)) * config.steps_per_loop
+
+
+def _say(chief: bool, text: str) -> None:
+    if chief:
+        print(text, flush=True)
+
+
+def weights_finite(model: keras.Model) -> bool:
+    """True when every weight is finite (checked before each save: never checkpoint a NaN)."""
+    return bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(tf.cast(w.value, tf.float32)))
+                               for w in model.weights]))
+
+
+def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict:
+    """Train (resuming from MODEL_DIR if it has a checkpoint), evaluate each epoch, return the summary."""
+    wall_start = time.time()
+    chief = is_chief(strategy)
+    kind = device_kind(strategy)
+    policy = resolve_precision(config.precision, kind)
+    previous_policy = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy(policy)
+    try:
+        return _train_and_evaluate(config, strategy, chief, kind, policy, wall_start)
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous_policy)
+
+
+def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> dict:
+    # Seeds python, numpy, TensorFlow and Keras first: tf.data's shuffle order depends on the global seed.
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+    # ---- input pipeline (validated before anything is written)
+    arrays = None if config.dataset == "synthetic" else data.load_arrays(config)
+    sizes = (None, None) if arrays is None else (len(arrays["train"][0]), len(arrays["test"][0]))
+    derived = derive(config, strategy.num_replicas_in_sync, *sizes)
+    eval_dataset = data.eval_dataset(strategy, config, derived, arrays)
+    moved = rundir.prepare_model_dir(config, chief)
+    if moved:
+        _say(chief, f"--overwrite: moved the previous run to {moved}")
+
+    # ---- model, optimizer, checkpoint
+    with strategy.scope():
+        model = create_model(config)
+        lr_scale = tf.Variable(1.0, trainable=False, name="lr_scale")
+        optimizer = optimization.create_optimizer(config, derived.total_steps, policy, lr_scale)
+        # Keras 3 creates slots lazily, which fails inside a distributed tf.function: build them now.
+        optimizer.build(model.trainable_variables)
+        step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        # Sums (loss, correct, count) of the current epoch, so a resumed run reports the same numbers.
+        epoch_totals = tf.Variable(tf.zeros(3, tf.float64), trainable=False, name="epoch_totals")
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var,
+                                         lr_scale=lr_scale, epoch_totals=epoch_totals)
+    resolver = getattr(strategy, "cluster_resolver", None)
+    task_id = int(getattr(resolver, "task_id", 0) or 0)
+    saver = CheckpointSaver(checkpoint, config.model_dir, chief, task_id, config.keep_checkpoints)
+    restored = saver.restore_latest()
+    if restored:
+        _say(chief, f"Resumed from {restored} at step {int(step_var.numpy())}/{derived.total_steps}")
+    else:
+        saver.save(0)  # A starting point for --nan_policy=rollback and for resume.
+
+    # ---- update and eval steps
+    xla = use_xla(config, kind)
+    train_loop = make_train_loop(strategy, model, optimizer, config, derived, xla)
+    eval_step = make_eval_step(strategy, model, config)
+
+    # ---- summaries (chief only)
+    if chief:
+        train_writer = tf.summary.create_file_writer(os.path.join(config.model_dir, "train"))
+        eval_writer = tf.summary.create_file_writer(os.path.join(config.model_dir, "eval"))
+    else:
+        train_writer = eval_writer = tf.summary.create_noop_writer()
+    _say(chief, f"ConvMixer-{config.hidden_dim}/{config.depth} k{config.kernel_size} "
+                f"p{config.patch_size}, {count_params(model):,} parameters; strategy={config.strategy} "
+                f"replicas={derived.num_replicas} precision={policy} xla={'on' if xla else 'off'}; "
+                f"{derived.total_steps} steps ({derived.epochs} epochs x {derived.steps_per_epoch}), "
+                f"global batch {config.global_batch_size} ({derived.per_replica_batch_size}/replica)")
+
+    def save(step: int) -> None:
+        if not weights_finite(model):
+            raise TrainingDiverged(f"the weights became non-finite by step {step}")
+        saver.save(step)
+
+    def log_train(step, epoch, window, lr, rate):
+        loss, acc = window[0] / max(window[2], 1), window[1] / max(window[2], 1)
+        eta = (derived.total_steps - step) * config.global_batch_size / max(rate, 1e-9)
+        _say(chief, f"epoch {epoch + 1}/{derived.epochs} step {step}/{derived.total_steps} "
+                    f"loss {loss:.4f} acc {acc:.4f} lr {lr:.2e} {rate:,.0f} img/s ETA {_format_eta(eta)}")
+        with train_writer.as_default(step=step):
+            tf.summary.scalar("loss", loss)
+            tf.summary.scalar("accuracy", acc)
+            tf.summary.scalar("learning_rate", lr)
+            tf.summary.scalar("images_per_sec", rate)
+            tf.summary.scalar("step_time_ms", 1000.0 * config.global_batch_size / max(rate, 1e-9))
+            scale = optimization.loss_scale_value(optimizer)
+            if scale is not None:
+                tf.summary.scalar("loss_scale", scale)
+
+    def run_eval(step, epoch) -> dict:
+        metrics = evaluate(eval_step, eval_dataset)
+        _say(chief, f"epoch {epoch + 1}/{derived.epochs} eval loss {metrics['loss']:.4f} "
+                    f"acc {metrics['accuracy']:.4f} top5 {metrics['top5_accuracy']:.4f} "
+                    f"({metrics['examples']} examples)")
+        with eval_writer.as_default(step=step):
+            for key in ("loss", "accuracy", "top5_accuracy"):
+                tf.summary.scalar(key, metrics[key])
+        return metrics
+
+    # ---- loop
+    log_every = _log_period(config, derived)
+    timing = {"images": 0, "seconds": 0.0}
+    nan_at_step = config.fault_inject_nan_at_step
+    eval_metrics: dict = {}
+    rollbacks = 0
+
+    def train_until_done(watcher: PreemptionWatcher) -> dict:
+        nonlocal nan_at_step
+        step = int(step_var.numpy())
+        iterator = iter(data.train_dataset(strategy, config, derived, arrays, step))
+        metrics: dict = {}
+        first_call = True
+        while step < derived.total_steps:
+            epoch = step // derived.steps_per_epoch
+            epoch_end = min((epoch + 1) * derived.steps_per_epoch, derived.total_steps)
+            if step == epoch * derived.steps_per_epoch:
+                epoch_totals.assign(tf.zeros(3, tf.float64))
+            window = np.zeros(3)
+            while step < epoch_end:
+                boundaries = [epoch_end, (step // log_every + 1) * log_every,
+                              (step // config.checkpoint_every_steps + 1) * config.checkpoint_every_steps]
+                n = min([step + config.steps_per_loop] + boundaries) - step
+                lr = float(optimization.current_learning_rate(optimizer))
+                started = time.time()
+                totals = np.array([float(t) for t in train_loop(
+                    iterator, tf.constant(n, tf.int32), tf.constant(step, tf.int64),
+                    tf.constant(nan_at_step, tf.int64))])
+                seconds = time.time() - started
+                if step < nan_at_step <= step + n:
+                    nan_at_step = 0  # The injected fault fires once per process.
+                if not math.isfinite(totals[0]) and policy != "mixed_float16":
+                    raise TrainingDiverged(f"the training loss became non-finite between steps "
+                                           f"{step + 1} and {step + n}")
+                step += n
+                step_var.assign(step)
+                epoch_totals.assign_add(totals)
+                window += totals
+                if not first_call:  # The first call includes tracing and compilation.
+                    timing["images"] += n * config.global_batch_size
+                    timing["seconds"] += seconds
+                first_call = False
+                if step % log_every == 0 or step == epoch_end:
+                    rate = (timing["images"] / timing["seconds"] if timing["seconds"]
+                            else n * config.global_batch_size / max(seconds, 1e-9))
+                    log_train(step, epoch, window, lr, rate)
+                    window[:] = 0
+                if watcher.should_stop():
+                    save(step)
+                    raise Preempted(f"stopped by signal at step {step}; checkpoint saved in "
+                                    f"{saver.main_dir}, rerun the same command to resume")
+                # Checkpoints at an epoch's end wait for its evaluation (below), so a resumed run
+                # never skips an evaluation.
+                if step % config.checkpoint_every_steps == 0 and step < epoch_end:
+                    save(step)
+            metrics = run_eval(step, epoch)
+            if step % config.checkpoint_every_steps == 0 or step == derived.total_steps:
+                save(step)
+        return metrics
+
+    with PreemptionWatcher(strategy) as watcher:
+        while True:
+            try:
+                eval_metrics = train_until_done(watcher)
+                break
+            except TrainingDiverged as err:
+                if config.nan_policy != "rollback" or rollbacks >= config.nan_max_rollbacks:
+                    raise TrainingDiverged(f"{err}; the last good checkpoint is kept in "
+                                           f"{saver.main_dir}") from None
+                rollbacks += 1
+                path = saver.restore_latest()
+                lr_scale.assign(lr_scale * config.nan_lr_factor)
+                _say(chief, f"warning: {err}; rolled back to {path} (step {int(step_var.numpy())}) "
+                            f"with learning rate x{float(lr_scale.numpy()):g} "
+                            f"(rollback {rollbacks}/{config.nan_max_rollbacks})")
+    step = int(step_var.numpy())
+    if not eval_metrics:  # Resumed a finished run: evaluate the restored weights.
+        eval_metrics = evaluate(eval_step, eval_dataset)
+    for writer in (train_writer, eval_writer):
+        writer.flush()
+
+    totals = epoch_totals.numpy()
+    return {
+        "eval_accuracy": eval_metrics["accuracy"], "eval_loss": eval_metrics["loss"],
+        "eval_top5_accuracy": eval_metrics["top5_accuracy"], "eval_examples": eval_metrics["examples"],
+        # Mean over the last epoch's steps (restored across restarts).
+        "train_loss": totals[0] / totals[2] if totals[2] else None,
+        "train_accuracy": totals[1] / totals[2] if totals[2] else None,
+        "steps": step, "epochs": derived.epochs, "steps_per_epoch": derived.steps_per_epoch,
+        "images_per_sec": timing["images"] / timing["seconds"] if timing["seconds"] else None,
+        "wall_seconds": time.time() - wall_start,
+        "num_replicas": derived.num_replicas, "precision": policy, "xla": xla,
+        "strategy": config.strategy, "model": config.model, "parameters": count_params(model),
+        "global_batch_size": config.global_batch_size, "resumed_from": restored,
+        "nan_rollbacks": rollbacks, "learning_rate_scale": float(lr_scale.numpy()),
+        **weights_fingerprint(model),
+    }

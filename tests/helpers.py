@@ -1,0 +1,34 @@
+"""Shared test helpers: tiny configs and running the real CLI in a subprocess."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+from convmixer_dist.config import Config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(model_dir: str, **overrides) -> Config:
+    """A ConvMixer small enough to train a few steps in about a second on CPU."""
+    base = dict(hidden_dim=16, depth=2, kernel_size=3, patch_size=2, image_size=8, num_classes=4,
+                dataset="synthetic", synthetic_train_size=256, synthetic_eval_size=100,
+                global_batch_size=32, train_steps=6, steps_per_loop=3, checkpoint_every_steps=3,
+                learning_rate=0.01, model_dir=model_dir, seed=1)
+    base.update(overrides)
+    return dataclasses.replace(Config(), **base)
+
+
+def run_cli(module: str, *args: str, env: dict | None = None, timeout: float = 300
+            ) -> subprocess.CompletedProcess:
+    """Run `python -m module args...` from the repository root."""
+    full_env = dict(os.environ)
+    for key, value in (env or {}).items():  # None removes the variable.
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

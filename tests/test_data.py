@@ -1,0 +1,110 @@
+"""The CIFAR python-format reader, synthetic data, and the distributed pipelines."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cifar_files import tar_gz, write_cifar10, write_cifar100
+from convmixer_dist import data
+from convmixer_dist.config import derive
+from convmixer_dist.errors import UsageError
+from helpers import tiny_config
+
+
+def _reference_images(folder, name):
+    with open(os.path.join(folder, name), "rb") as f:
+        blob = pickle.load(f, encoding="bytes")
+    return blob[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def test_reads_folder_with_uneven_batch_files(tmp_path):
+    folder = write_cifar10(str(tmp_path))
+    for path in (str(tmp_path), folder):  # the parent and the folder itself both work
+        splits = data.read_cifar(path, "cifar10")
+        assert splits["train"][0].shape == (30 + 17 + 25 + 9 + 19, 32, 32, 3)
+        assert splits["test"][0].shape == (23, 32, 32, 3) and splits["test"][1].dtype == np.int32
+    # HWC layout: the first training image equals data_batch_1's first row, channel-planar -> HWC.
+    np.testing.assert_array_equal(splits["train"][0][0], _reference_images(folder, "data_batch_1")[0])
+
+
+def test_reads_tar_gz_directly_and_from_its_folder(tmp_path):
+    folder = write_cifar10(str(tmp_path / "src"), train_sizes=(5, 8), test_size=3)
+    archive = tar_gz(folder, str(tmp_path / "cifar-10-python.tar.gz"))
+    for path in (archive, str(tmp_path)):
+        splits = data.read_cifar(path, "cifar10")
+        assert len(splits["train"][0]) == 13 and len(splits["test"][0]) == 3
+    np.testing.assert_array_equal(splits["test"][0], data.read_cifar(folder, "cifar10")["test"][0])
+
+
+def test_reads_cifar100_fine_labels(tmp_path):
+    write_cifar100(str(tmp_path))
+    splits = data.read_cifar(str(tmp_path), "cifar100")
+    assert len(splits["train"][1]) == 40 and splits["train"][1].max() < 100
+
+
+def test_corrupt_and_missing_files_name_the_file(tmp_path):
+    folder = write_cifar10(str(tmp_path))
+    with open(os.path.join(folder, "data_batch_2"), "wb") as f:
+        f.write(b"not a pickle")
+    with pytest.raises(UsageError, match="data_batch_2"):
+        data.read_cifar(str(tmp_path), "cifar10")
+    with pytest.raises(UsageError, match="--data_dir"):
+        data.read_cifar(str(tmp_path / "empty"), "cifar100")
+
+
+def test_synthetic_data_is_deterministic_and_class_dependent():
+    a = [data.synthetic_example(i, 3, 16, 4) for i in range(64)]
+    b = [data.synthetic_example(i, 3, 16, 4) for i in range(64)]
+    assert all(np.array_equal(x[0], y[0]) for x, y in zip(a, b))
+    images = np.stack([x[0].numpy() for x in a]).astype(np.float32)
+    labels = np.array([int(x[1]) for x in a])
+    assert len(set(labels)) == 4 and images.dtype == np.float32
+    # Nearest class mean on held-out examples beats chance by far: the data is learnable.
+    means = np.stack([images[labels == c].mean(0) for c in range(4)])
+    test = [data.synthetic_example(i, 3, 16, 4) for i in range(1000, 1100)]
+    hits = sum(int(np.argmin(((means - t[0].numpy()) ** 2).sum((1, 2, 3)))) == int(t[1]) for t in test)
+    assert hits > 60
+
+
+def test_basic_augment_keeps_shape_dtype_and_is_seeded():
+    image = tf.cast(tf.reshape(tf.range(8 * 8 * 3) % 255, [8, 8, 3]), tf.uint8)
+    out1 = data.basic_augment(image, tf.constant([1, 2], tf.int64), 8)
+    out2 = data.basic_augment(image, tf.constant([1, 2], tf.int64), 8)
+    assert out1.shape == (8, 8, 3) and out1.dtype == tf.uint8
+    np.testing.assert_array_equal(out1, out2)
+    outs = {data.basic_augment(image, tf.constant([s, 0], tf.int64), 8).numpy().tobytes()
+            for s in range(10)}
+    assert len(outs) > 3
+
+
+def test_mirrored_eval_covers_every_example_exactly_once(tmp_path):
+    config = tiny_config(str(tmp_path), strategy="mirrored", cpu_replicas=2, synthetic_eval_size=37,
+                         global_batch_size=8)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    derived = derive(config, 2)
+    _, eval_ds = data.distributed_datasets(strategy, config, derived)
+    seen = []
+    for images, labels in eval_ds:
+        for part in strategy.experimental_local_results(labels):
+            seen.extend(part.numpy().tolist())
+        assert images.values[0].shape[1:] == (8, 8, 3)
+    assert len(seen) == 37
+    expected = [int(data.synthetic_example(i + (1 << 30), config.seed, 8, 4)[1]) for i in range(37)]
+    assert sorted(seen) == sorted(expected)
+
+
+def test_train_batches_are_normalized_per_replica_batches(tmp_path):
+    config = tiny_config(str(tmp_path), strategy="mirrored", cpu_replicas=2, global_batch_size=8)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    train_ds, _ = data.distributed_datasets(strategy, config, derive(config, 2))
+    images, labels = next(iter(train_ds))
+    parts = strategy.experimental_local_results(images)
+    assert len(parts) == 2 and parts[0].shape == (4, 8, 8, 3) and parts[0].dtype == tf.float32
+    assert -4 < float(tf.reduce_min(parts[0])) < 0 < float(tf.reduce_max(parts[0])) < 4
+
+
+def test_batch_not_divisible_by_replicas_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="--global_batch_size=30 is not divisible by the 4"):
+        derive(tiny_config(str(tmp_path), global_batch_size=30), 4)

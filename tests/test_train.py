@@ -1,0 +1,96 @@
+"""The training loop under real strategies (2 logical CPU devices), in-process and small."""
+import contextlib
+import io
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from convmixer_dist import optimization, strategy as strategy_lib, train
+from helpers import tiny_config
+
+
+def _train(config):
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        summary = train.train_and_evaluate(config, strategy_lib.create_strategy(config))
+    return summary, out.getvalue()
+
+
+def _checkpoint_values(model_dir):
+    reader = tf.train.load_checkpoint(f"{model_dir}/checkpoints")
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+            if k.startswith(("model/", "optimizer/")) and "save_counter" not in k}
+
+
+def test_mirrored_two_replicas_equals_one_device_on_same_global_batch(tmp_path):
+    # With synchronized BatchNorm both see the same global-batch statistics, so the only difference
+    # is float summation order; tolerance 1e-5 absolute on every model and optimizer variable.
+    one = tiny_config(str(tmp_path / "one"), strategy="one_device", sync_bn=True)
+    two = tiny_config(str(tmp_path / "two"), strategy="mirrored", cpu_replicas=2, sync_bn=True)
+    s1, _ = _train(one)
+    s2, _ = _train(two)
+    assert s2["num_replicas"] == 2 and s1["num_replicas"] == 1
+    w1, w2 = _checkpoint_values(one.model_dir), _checkpoint_values(two.model_dir)
+    assert w1.keys() == w2.keys() and len(w1) > 20
+    for key in w1:
+        np.testing.assert_allclose(w1[key], w2[key], atol=1e-5, rtol=0, err_msg=key)
+    assert s1["eval_loss"] == pytest.approx(s2["eval_loss"], abs=1e-5)
+
+
+def test_training_learns_and_reports_progress(tmp_path):
+    config = tiny_config(str(tmp_path), strategy="mirrored", cpu_replicas=2, train_steps=40,
+                         steps_per_loop=8, synthetic_train_size=640, learning_rate=0.02,
+                         hidden_dim=32, image_size=16, patch_size=4)
+    summary, out = _train(config)
+    assert summary["eval_accuracy"] > 0.5  # 4 classes: chance is 0.25
+    assert summary["steps"] == 40 and summary["epochs"] == 2 and summary["eval_examples"] == 100
+    assert "img/s" in out and "ETA" in out and "eval loss" in out
+
+
+def test_rerun_resumes_from_checkpoint_and_continues_the_step_counter(tmp_path):
+    first, _ = _train(tiny_config(str(tmp_path), train_steps=6))
+    assert first["steps"] == 6 and first["resumed_from"] is None
+    second, out = _train(tiny_config(str(tmp_path), train_steps=9))
+    assert second["resumed_from"].endswith("ckpt-6")
+    assert second["steps"] == 9 and "Resumed from" in out
+
+
+def test_float16_with_loss_scaling_runs_on_two_replicas(tmp_path):
+    summary, _ = _train(tiny_config(str(tmp_path), strategy="mirrored", cpu_replicas=2,
+                                    precision="mixed_float16", clip_norm=1.0))
+    assert summary["precision"] == "mixed_float16"
+    assert np.isfinite(summary["train_loss"]) and np.isfinite(summary["weights_abs_sum"])
+
+
+def _apply_with_grads(clip_norm, replica_grads, loss_scaled):
+    """Apply per-replica gradients through prepare_gradients; return the variable afterwards."""
+    strategy = strategy_lib.create_strategy(tiny_config("unused", strategy="mirrored", cpu_replicas=2))
+    with strategy.scope():
+        var = keras.Variable(np.zeros(2, np.float32))
+        inner = keras.optimizers.SGD(learning_rate=1.0)
+        opt = keras.optimizers.LossScaleOptimizer(inner, initial_scale=1.0) if loss_scaled else inner
+        opt.build([var])
+
+    def replica_fn():
+        rid = tf.distribute.get_replica_context().replica_id_in_sync_group
+        grad = tf.gather(tf.constant(replica_grads, tf.float32), rid)
+        grads = optimization.prepare_gradients([grad], clip_norm, optimization.loss_scale(opt))
+        opt.apply_gradients(zip(grads, [var]))
+
+    tf.function(lambda: strategy.run(replica_fn))()
+    return [v.numpy() for v in strategy.experimental_local_results(var.value)]
+
+
+def test_one_replicas_inf_makes_every_replica_skip_the_float16_step():
+    values = _apply_with_grads(0.0, [[1.0, 1.0], [np.inf, 1.0]], loss_scaled=True)
+    for value in values:  # Without the agreement replica 0 would apply its finite gradient.
+        np.testing.assert_array_equal(value, [0.0, 0.0])
+
+
+def test_clipping_uses_the_global_norm_of_the_summed_gradient():
+    # Sum over replicas = [6, 8] (norm 10) -> clipped to norm 1 -> [0.6, 0.8]; SGD lr 1 subtracts it.
+    # Per-replica clipping would give a different result ([3,4] and [3,4] each clipped to [.6,.8]).
+    values = _apply_with_grads(1.0, [[3.0, 4.0], [3.0, 4.0]], loss_scaled=False)
+    for value in values:
+        np.testing.assert_allclose(value, [-0.6, -0.8], rtol=1e-6)
