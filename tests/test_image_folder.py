@@ -1,0 +1,146 @@
+"""image_folder: listing a generated JPEG/PNG tree, labels and class names, decoding and resizing,
+sharding, and one-line UsageErrors for broken trees and corrupt files."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from convmixer_dist import image_folder
+from convmixer_dist.errors import UsageError
+
+CLASSES = ("zebra", "ant", "cat")  # listed out of order on purpose: labels follow sorted names
+COLORS = {"ant": (250, 10, 10), "cat": (10, 250, 10), "zebra": (10, 10, 250)}
+
+
+def _write(path: str, image: np.ndarray) -> None:
+    data = tf.io.encode_png(image) if path.endswith(".png") else tf.io.encode_jpeg(image, quality=95)
+    tf.io.write_file(path, data)
+
+
+def _make_tree(root, per_class=3, splits=("train", "val")) -> str:
+    """Solid-colour images per class with varied sizes and both formats (and uppercase .JPG)."""
+    for split in splits:
+        for name in CLASSES:
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder)
+            for i in range(per_class):
+                ext = (".png", ".jpg", ".JPG")[i % 3]
+                image = np.zeros((24 + 8 * i, 40, 3), np.uint8) + np.array(COLORS[name], np.uint8)
+                _write(os.path.join(folder, f"img{i}{ext}"), image)
+            open(os.path.join(folder, "notes.txt"), "w").write("not an image")  # ignored
+    return str(root)
+
+
+def test_lists_tree_with_sorted_classes_and_matching_labels(tmp_path):
+    root = _make_tree(tmp_path)
+    splits, class_names = image_folder.list_image_folder_splits(root)
+    assert class_names == ["ant", "cat", "zebra"]
+    for split in ("train", "val"):
+        paths, labels = splits[split]
+        assert len(paths) == 9 and labels == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+        assert all(os.path.basename(os.path.dirname(p)) == class_names[l] for p, l in zip(paths, labels))
+        assert not any(p.endswith(".txt") for p in paths)
+
+
+def test_dataset_decodes_resizes_and_keeps_labels(tmp_path):
+    root = _make_tree(tmp_path)
+    splits, class_names = image_folder.list_image_folder_splits(root)
+    dataset = image_folder.image_folder_dataset(*splits["train"], image_size=16)
+    assert dataset.element_spec[0].shape == (16, 16, 3)
+    seen = 0
+    for image, label in dataset.as_numpy_iterator():
+        assert image.shape == (16, 16, 3) and image.dtype == np.uint8
+        # Solid colour survives decode (JPEG is lossy: allow a few levels) and resize.
+        np.testing.assert_allclose(image.reshape(-1, 3).mean(0), COLORS[class_names[label]], atol=6)
+        seen += 1
+    assert seen == 9
+
+
+def test_shard_and_shuffle_cover_the_files_once(tmp_path):
+    root = _make_tree(tmp_path)
+    splits, _ = image_folder.list_image_folder_splits(root)
+    paths, labels = splits["train"]
+    shards = [list(image_folder.image_folder_dataset(paths, labels, 8, shuffle_seed=1, shard=(2, i))
+                   .map(lambda x, y: y).as_numpy_iterator()) for i in range(2)]
+    assert len(shards[0]) == 5 and len(shards[1]) == 4
+    assert sorted(shards[0] + shards[1]) == sorted(labels)
+
+
+@pytest.mark.parametrize("breakage,expected", [
+    ("no_dir", r"--data_dir='?.*missing_dir.*not a directory"),
+    ("no_val", r"--data_dir=.*missing the 'val' split"),
+    ("empty_class", r"class folder .*train.cat has no"),
+    ("no_classes", r"has no class subfolders"),
+    ("val_mismatch", r"do not match the train split .*missing: \['cat'\].*unexpected: \['dog'\]"),
+])
+def test_broken_trees_raise_one_line_usage_errors(tmp_path, breakage, expected):
+    root = str(tmp_path / "data")
+    if breakage == "no_dir":
+        root = str(tmp_path / "missing_dir")
+    elif breakage == "no_val":
+        _make_tree(root, splits=("train",))
+    elif breakage == "empty_class":
+        _make_tree(root)
+        for f in os.listdir(os.path.join(root, "train", "cat")):
+            if not f.endswith(".txt"):
+                os.remove(os.path.join(root, "train", "cat", f))
+    elif breakage == "no_classes":
+        os.makedirs(os.path.join(root, "train"))
+        os.makedirs(os.path.join(root, "val"))
+    elif breakage == "val_mismatch":
+        _make_tree(root)
+        os.rename(os.path.join(root, "val", "cat"), os.path.join(root, "val", "dog"))
+    with pytest.raises(UsageError, match=expected) as info:
+        image_folder.list_image_folder_splits(root)
+    assert "\n" not in str(info.value)
+
+
+def test_non_image_file_is_reported_up_front_by_name(tmp_path):
+    root = _make_tree(tmp_path)
+    bad = os.path.join(root, "val", "ant", "broken.jpg")
+    open(bad, "wb").write(b"<html>404 not found</html>")
+    with pytest.raises(UsageError, match=r"corrupt image file .*val/ant/broken\.jpg"):
+        image_folder.list_image_folder_splits(root)
+    open(bad, "wb").close()  # empty file
+    with pytest.raises(UsageError, match=r"broken\.jpg: empty file"):
+        image_folder.list_image_folder_splits(root)
+
+
+def _consume(paths, labels):
+    with image_folder.reporting_corrupt_files(paths):
+        for _ in image_folder.image_folder_dataset(paths, labels, 8):
+            pass
+
+
+def test_file_replaced_after_listing_is_named_by_the_pipeline(tmp_path):
+    root = _make_tree(tmp_path)
+    splits, _ = image_folder.list_image_folder_splits(root)
+    paths, labels = splits["train"]
+    open(paths[4], "wb").write(b"GARBAGE!" * 10)
+    with pytest.raises(UsageError, match="corrupt image file " + paths[4]):
+        _consume(paths, labels)
+
+
+def test_truncated_jpeg_is_named(tmp_path):
+    root = _make_tree(tmp_path)
+    splits, _ = image_folder.list_image_folder_splits(root)
+    paths, labels = splits["train"]
+    jpeg = next(p for p in paths if p.lower().endswith(".jpg"))
+    data = open(jpeg, "rb").read()
+    open(jpeg, "wb").write(data[: len(data) // 2])  # valid signature, broken body
+    image_folder.list_image_folder_splits(root)  # the cheap check cannot see it ...
+    with pytest.raises(UsageError, match=f"corrupt image file {jpeg}: cannot be decoded"):
+        _consume(paths, labels)  # ... the pipeline's decode error is mapped to the file
+
+
+def test_save_and_load_class_names(tmp_path):
+    model_dir = str(tmp_path / "model")
+    path = image_folder.save_class_names(model_dir, ["ant", "cat"])
+    assert path == os.path.join(model_dir, "class_names.json")
+    assert json.load(open(path)) == ["ant", "cat"]
+    assert image_folder.load_class_names(model_dir) == ["ant", "cat"]
+    assert image_folder.load_class_names(str(tmp_path)) is None
