@@ -196,20 +196,19 @@ def _example_fn(config: Config, split: str, arrays) -> Callable:
     return example
 
 
-def _train_indices(size: int, num_shards: int, shard: int, seed: int, start: int) -> tf.data.Dataset:
-    """Endless stream of (position, example index) over this shard, each epoch a full permutation.
+def _train_indices(size: int, seed: int, start: int) -> tf.data.Dataset:
+    """Endless stream of (position, example index) over the whole training set, each epoch a full
+    permutation.
 
     Epoch e's order is a pure function of (seed, e), so resuming at stream position `start`
     reproduces exactly what an uninterrupted run reads next, without saving iterator state.
     """
-    indices = tf.range(shard, size, num_shards, dtype=tf.int64)
-    shard_len = shard_size(size, num_shards, shard)
-    first_epoch, offset = divmod(start, shard_len)
+    first_epoch, offset = divmod(start, size)
 
     def epoch(e):
-        order = tf.argsort(tf.random.stateless_uniform([shard_len], seed=tf.stack([seed, e])))
-        return tf.data.Dataset.zip((tf.data.Dataset.range(e * shard_len, (e + 1) * shard_len),
-                                    tf.data.Dataset.from_tensor_slices(tf.gather(indices, order))))
+        order = tf.argsort(tf.random.stateless_uniform([size], seed=tf.stack([seed, e])))
+        return tf.data.Dataset.zip((tf.data.Dataset.range(e * size, (e + 1) * size),
+                                    tf.data.Dataset.from_tensor_slices(tf.cast(order, tf.int64))))
 
     return tf.data.Dataset.range(first_epoch, 2 ** 62).flat_map(epoch).skip(offset)
 
@@ -250,11 +249,15 @@ def make_dataset_fn(config: Config, derived: Derived, split: str, arrays=None,
     def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
         pipeline, pipelines = ctx.input_pipeline_id, ctx.num_input_pipelines
         if split == "train":
-            # Each global step consumes one per-replica batch per replica of this pipeline.
-            per_step = batch * (ctx.num_replicas_in_sync // pipelines)
-            ds = _train_indices(derived.train_size, pipelines, pipeline, config.seed * 997 + pipeline,
-                                start_step * per_step)
-            aug_seed = tf.constant(config.seed * 7919 + pipeline, tf.int64)
+            # One global stream for every topology: each global step takes the next global batch,
+            # and this pipeline reads (only) the slice that belongs to its replicas. So 2 workers x 1
+            # replica see exactly the batches of 1 worker x 2 replicas, or of one device.
+            local = batch * (ctx.num_replicas_in_sync // pipelines)
+            first = pipeline * local
+            ds = _train_indices(derived.train_size, config.seed * 997, start_step * config.global_batch_size)
+            ds = ds.batch(config.global_batch_size, drop_remainder=True)
+            ds = ds.map(lambda pos, idx: (pos[first:first + local], idx[first:first + local])).unbatch()
+            aug_seed = tf.constant(config.seed * 7919, tf.int64)
 
             def load(position, index):
                 image, label = example(index)

@@ -39,7 +39,7 @@ class PreemptionWatcher:
 
     def _all_workers_flag(self, flag):
         per_replica = self.strategy.run(lambda: tf.identity(flag))
-        return self.strategy.reduce(tf.distribute.ReduceOp.MAX, per_replica, axis=None)
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     def should_stop(self) -> bool:
         """True on every worker once any worker has received a termination signal."""
