@@ -54,6 +54,9 @@ def run(argv: list[str]) -> dict:
     except train.Preempted as err:
         print(f"preempted: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_PREEMPTED)
+    # Every worker states its final weights, so a multi-worker run can be checked for agreement.
+    print(f"weights_sha256 {summary['weights_sha256']} weights_abs_sum {summary['weights_abs_sum']!r}",
+          flush=True)
     if chief:
         rundir.write_json(os.path.join(config.model_dir, "summary.json"), summary)
         print(f"Done: eval accuracy {summary['eval_accuracy']:.4f}, {summary['steps']} steps; "

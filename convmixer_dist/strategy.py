@@ -14,6 +14,7 @@ import os
 
 import tensorflow as tf
 
+from convmixer_dist import cluster
 from convmixer_dist.config import Config
 from convmixer_dist.errors import UsageError
 
@@ -79,14 +80,22 @@ def validate_tf_config(raw: str | None) -> dict:
 def create_strategy(config: Config) -> tf.distribute.Strategy:
     """Build the strategy named by `config.strategy`."""
     if config.strategy == "multi_worker":
-        validate_tf_config(os.environ.get("TF_CONFIG"))
+        resolver = None
+        if cluster.cluster_source(config.cluster, os.environ) == "slurm":
+            resolver = cluster.slurm_resolver(os.environ)
+            if len(resolver.cluster_spec().as_dict().get("worker", [])) < 2:
+                raise UsageError("--strategy=multi_worker under Slurm needs at least 2 tasks "
+                                 "(srun --ntasks >= 2); use --strategy=mirrored on one node")
+        else:
+            validate_tf_config(os.environ.get("TF_CONFIG"))
         options = tf.distribute.experimental.CommunicationOptions(
             implementation={"auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
                             "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
                             "ring": tf.distribute.experimental.CommunicationImplementation.RING
                             }[config.all_reduce],
             timeout_seconds=config.collective_timeout)
-        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver,
+                                                         communication_options=options)
     raw = os.environ.get("TF_CONFIG")
     if raw is not None and not raw.strip():
         del os.environ["TF_CONFIG"]  # TensorFlow would fail to parse an empty TF_CONFIG.

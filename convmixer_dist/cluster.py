@@ -1,0 +1,51 @@
+"""Where a multi-worker cluster comes from: TF_CONFIG (launch/local.sh, launch/ssh.sh, Kubeflow's
+TFJob) or Slurm's environment under `srun` (launch/slurm.sbatch).
+
+Pure functions over an environment mapping; nothing here runs a TensorFlow op, because
+MultiWorkerMirroredStrategy must be created before any other op.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from typing import Mapping
+
+SLURM_VARIABLES = ("SLURM_PROCID", "SLURM_STEP_NODELIST")
+
+
+def make_tf_config(hosts: list[str], index: int) -> str:
+    """TF_CONFIG for worker `index` of a cluster of `hosts` ("host:port"); worker 0 is the chief."""
+    return json.dumps({"cluster": {"worker": list(hosts)}, "task": {"type": "worker", "index": index}})
+
+
+def cluster_source(requested: str, env: Mapping[str, str]) -> str:
+    """`--cluster` -> "tf_config" or "slurm"; auto picks Slurm under srun when TF_CONFIG is unset."""
+    if requested != "auto":
+        return requested
+    under_srun = all(env.get(name) for name in SLURM_VARIABLES)
+    return "slurm" if under_srun and not env.get("TF_CONFIG") else "tf_config"
+
+
+def slurm_gpus_per_node(env: Mapping[str, str]) -> int | None:
+    """GPUs per node from Slurm's allocation (SLURM_GPUS_ON_NODE); 0 on a node without nvidia-smi
+    (TensorFlow would otherwise crash running it); None lets TensorFlow ask nvidia-smi."""
+    if env.get("SLURM_GPUS_ON_NODE", "").isdigit():
+        return int(env["SLURM_GPUS_ON_NODE"])
+    return None if shutil.which("nvidia-smi") else 0
+
+
+def slurm_resolver(env: Mapping[str, str], port_base: int = 8888):
+    """SlurmClusterResolver over this srun step: one worker per task, ports from `port_base`.
+
+    It reads SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_STEP_NODELIST and SLURM_STEP_TASKS_PER_NODE,
+    and sets CUDA_VISIBLE_DEVICES per task when the node has GPUs.
+    """
+    import tensorflow as tf  # Only here: creating the resolver runs no op.
+
+    gpus = slurm_gpus_per_node(env)
+    if gpus == 0:
+        # The resolver cannot express "no GPUs" (it divides by GPUs per task); claim one and leave
+        # CUDA_VISIBLE_DEVICES alone, so TensorFlow finds only the CPU.
+        return tf.distribute.cluster_resolver.SlurmClusterResolver(
+            port_base=port_base, gpus_per_node=1, gpus_per_task=1, auto_set_gpu=False)
+    return tf.distribute.cluster_resolver.SlurmClusterResolver(port_base=port_base, gpus_per_node=gpus)

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One worker of `--strategy=multi_worker` per host, started over ssh with the same command.
+# HOSTS_FILE: one "host" or "host:port" per line (default port 2222); '#' comments and blank lines
+# are skipped; the first host is the chief (worker 0). Each remote command is quoted with printf %q;
+# host strings are never evaluated by a shell.
+set -euo pipefail
+usage() {
+  echo "usage: launch/ssh.sh HOSTS_FILE [flags for convmixer_dist.main ...]"
+  echo "  env: SSH (default ssh), REMOTE_DIR (cd there first, default: this checkout's path),"
+  echo "       REMOTE_PYTHON (default python), LOG_DIR (default ./logs)"
+}
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then usage; exit 0; fi
+hosts_file=${1:-}
+if [[ -z $hosts_file || ! -r $hosts_file ]]; then
+  echo "error: launch/ssh.sh: HOSTS_FILE='${hosts_file}' is not a readable file (see -h)" >&2; exit 2
+fi
+shift
+here=$(cd "$(dirname "$0")" && pwd)
+remote_dir=${REMOTE_DIR:-$(dirname "$here")}
+remote_python=${REMOTE_PYTHON:-python}
+log_dir=${LOG_DIR:-logs}
+ssh_cmd=${SSH:-ssh}
+# shellcheck source=launch/_supervise.sh
+source "$here/_supervise.sh"
+
+hosts=()
+line_no=0
+while IFS= read -r line || [[ -n $line ]]; do
+  line_no=$((line_no + 1))
+  line=${line%%#*}
+  line=${line//[[:space:]]/}
+  [[ -z $line ]] && continue
+  if [[ $line =~ ^[A-Za-z0-9._-]+$ ]]; then
+    line="$line:2222"
+  elif ! [[ $line =~ ^[A-Za-z0-9._-]+:([0-9]{1,5})$ ]] || (( BASH_REMATCH[1] < 1 || BASH_REMATCH[1] > 65535 )); then
+    echo "error: $hosts_file:$line_no: '$line' is not a host or host:port" >&2; exit 2
+  fi
+  hosts+=("$line")
+done <"$hosts_file"
+if (( ${#hosts[@]} < 2 )); then
+  echo "error: $hosts_file lists ${#hosts[@]} host(s); multi_worker needs at least 2" >&2; exit 2
+fi
+workers=$(printf '"%s",' "${hosts[@]}")
+workers=${workers%,}
+mkdir -p "$log_dir"
+for i in "${!hosts[@]}"; do
+  host=${hosts[$i]%:*}
+  tf_config="{\"cluster\": {\"worker\": [$workers]}, \"task\": {\"type\": \"worker\", \"index\": $i}}"
+  remote=$(printf 'cd %q && TF_CONFIG=%q %q -m convmixer_dist.main --strategy=multi_worker' \
+    "$remote_dir" "$tf_config" "$remote_python")
+  remote+=$(printf ' %q' "$@")
+  log="$log_dir/worker-$i.log"
+  printf '+ %s %s %s > %s\n' "$ssh_cmd" "$host" "$remote" "$log"
+  "$ssh_cmd" "$host" "$remote" >"$log" 2>&1 &
+  pids+=($!)
+  names+=("worker $i on $host (log: $log)")
+done
+status=0
+supervise || status=$?
+if (( status == 0 )); then echo "launch: all ${#hosts[@]} workers finished; logs in $log_dir"; fi
+exit "$status"

@@ -1,0 +1,38 @@
+"""Cluster sources for multi_worker: TF_CONFIG and Slurm's environment (faked)."""
+import json
+
+import pytest
+
+from convmixer_dist import cluster
+
+SLURM_ENV = {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "node[1-2]",
+             "SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_JOB_NUM_NODES": "2"}
+
+
+def test_make_tf_config_round_trip():
+    spec = json.loads(cluster.make_tf_config(["a:1", "b:2"], 1))
+    assert spec == {"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}
+
+
+@pytest.mark.parametrize("requested,env,expected", [
+    ("auto", SLURM_ENV, "slurm"),
+    ("auto", {**SLURM_ENV, "TF_CONFIG": "{}"}, "tf_config"),
+    ("auto", {}, "tf_config"),
+    ("slurm", {}, "slurm"),
+    ("tf_config", SLURM_ENV, "tf_config"),
+])
+def test_cluster_source(requested, env, expected):
+    assert cluster.cluster_source(requested, env) == expected
+
+
+def test_slurm_environment_gives_the_expected_cluster_spec(monkeypatch):
+    for key, value in SLURM_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_GPUS_ON_NODE", raising=False)
+    resolver = cluster.slurm_resolver(dict(SLURM_ENV), port_base=9100)
+    assert resolver.cluster_spec().as_dict() == {"worker": ["node1:9100", "node2:9100"]}
+    assert (resolver.task_type, resolver.task_id) == ("worker", 1)
+
+
+def test_slurm_gpus_per_node_comes_from_the_allocation():
+    assert cluster.slurm_gpus_per_node({"SLURM_GPUS_ON_NODE": "4"}) == 4

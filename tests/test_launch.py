@@ -1,0 +1,121 @@
+"""The launch scripts: usage, argument errors, quoting, kill-all-on-failure (with stub workers)."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from helpers import ROOT
+
+SCRIPTS = ["launch/local.sh", "launch/ssh.sh", "launch/slurm.sbatch"]
+
+
+def sh(*args, env=None, timeout=60):
+    return subprocess.run(["bash", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, **(env or {})))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_syntax_and_usage(script):
+    assert sh("-n", script).returncode == 0
+    result = sh(script, "-h")
+    assert result.returncode == 0 and result.stdout.startswith("usage:")
+
+
+@pytest.mark.parametrize("args,named", [
+    (["launch/local.sh", "1", "--model_dir=x"], "N='1'"),
+    (["launch/local.sh", "two", "--model_dir=x"], "N='two'"),
+    (["launch/local.sh", "2", "--epochs=1"], "--model_dir"),
+    (["launch/ssh.sh", "/nonexistent/hosts"], "HOSTS_FILE"),
+    (["launch/slurm.sbatch"], "sbatch"),
+])
+def test_bad_arguments_are_one_line_exit_2(args, named):
+    result = sh(*args, env={"SLURM_JOB_ID": ""})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0]
+
+
+def test_ssh_hosts_file_with_a_bad_line_names_it(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# cluster\nnode1\nnode2:99999\n")
+    result = sh("launch/ssh.sh", str(hosts))
+    assert result.returncode == 2 and f"{hosts}:3" in result.stderr and "node2:99999" in result.stderr
+
+
+def _stub_python(tmp_path, body):
+    """A fake interpreter that records its TF_CONFIG and arguments, then runs `body` (bash)."""
+    stub = tmp_path / "fake_python"
+    stub.write_text("#!/usr/bin/env bash\n"
+                    f'echo "$TF_CONFIG" > "{tmp_path}/tf_config.$$"\n'
+                    f'printf "%s\\n" "$@" > "{tmp_path}/args.$$"\n' + body)
+    stub.chmod(0o755)
+    return str(stub)
+
+
+def _recorded(tmp_path, prefix):
+    return [p.read_text() for p in sorted(tmp_path.glob(prefix + ".*"))]
+
+
+def test_local_sh_gives_each_worker_its_tf_config_and_logs(tmp_path):
+    stub = _stub_python(tmp_path, "echo worker done\n")
+    model_dir = tmp_path / "run"
+    result = sh("launch/local.sh", "3", f"--model_dir={model_dir}", "--note=a b's",
+                env={"PYTHON": stub})
+    assert result.returncode == 0, result.stderr
+    configs = [json.loads(c) for c in _recorded(tmp_path, "tf_config")]
+    assert sorted(c["task"]["index"] for c in configs) == [0, 1, 2]
+    assert len({tuple(c["cluster"]["worker"]) for c in configs}) == 1
+    assert len(set(configs[0]["cluster"]["worker"])) == 3  # distinct ports
+    assert all("--note=a b's" in a.splitlines() for a in _recorded(tmp_path, "args"))  # quoting intact
+    assert sorted(p.name for p in (model_dir / "logs").iterdir()) == [f"worker-{i}.log" for i in range(3)]
+    assert "TF_CONFIG=" in result.stdout  # the exact command is echoed
+
+
+def test_local_sh_stops_all_workers_when_one_fails(tmp_path):
+    # Worker processes sleep 60 s, except the one whose task index is 1: it fails at once.
+    stub = _stub_python(tmp_path, 'case "$TF_CONFIG" in *\'"index": 1}\'*) exit 7;; esac\nsleep 60\n')
+    started = time.time()
+    result = sh("launch/local.sh", "3", f"--model_dir={tmp_path / 'run'}", env={"PYTHON": stub})
+    assert result.returncode == 7
+    assert time.time() - started < 20
+    assert "worker 1" in result.stderr and "failed with exit code 7" in result.stderr
+
+
+def test_ssh_sh_runs_the_quoted_command_on_each_host(tmp_path):
+    # A fake ssh: drops the host and runs the remote command with bash, as sshd would.
+    fake_ssh = tmp_path / "fake_ssh"
+    fake_ssh.write_text(f'#!/usr/bin/env bash\necho "$1" >> "{tmp_path}/hosts_seen"\nshift\nexec bash -c "$1"\n')
+    fake_ssh.chmod(0o755)
+    stub = _stub_python(tmp_path, "exit 0\n")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("alpha:3000\n\n# comment\nbeta\n")
+    result = sh("launch/ssh.sh", str(hosts), "--note=x y", env={
+        "SSH": str(fake_ssh), "REMOTE_PYTHON": stub, "REMOTE_DIR": str(tmp_path),
+        "LOG_DIR": str(tmp_path / "logs")})
+    assert result.returncode == 0, result.stderr
+    assert sorted((tmp_path / "hosts_seen").read_text().split()) == ["alpha", "beta"]
+    configs = [json.loads(c) for c in _recorded(tmp_path, "tf_config")]
+    assert configs[0]["cluster"]["worker"] == ["alpha:3000", "beta:2222"]
+    assert sorted(c["task"]["index"] for c in configs) == [0, 1]
+    assert all("--note=x y" in a.splitlines() for a in _recorded(tmp_path, "args"))
+
+
+def test_slurm_script_runs_the_same_command_under_srun():
+    text = open(os.path.join(ROOT, "launch/slurm.sbatch")).read()
+    assert "#SBATCH --nodes=" in text and "#SBATCH --gpus-per-node=" in text
+    assert "srun" in text and "--strategy=multi_worker --cluster=slurm" in text
+
+
+def test_tfjob_manifest_has_worker_replicas_running_main():
+    with open(os.path.join(ROOT, "launch/k8s/tfjob.yaml")) as f:
+        job = yaml.safe_load(f)
+    assert job["kind"] == "TFJob" and job["apiVersion"] == "kubeflow.org/v1"
+    worker = job["spec"]["tfReplicaSpecs"]["Worker"]
+    assert worker["replicas"] == 2
+    container = worker["template"]["spec"]["containers"][0]
+    assert container["command"] == ["python", "-m", "convmixer_dist.main"]
+    assert "--strategy=multi_worker" in container["args"]
