@@ -172,6 +172,23 @@ def _say(chief: bool, text: str) -> None:
         print(text, flush=True)
 
 
+def make_bn_statistics_sync(strategy, model: keras.Model) -> Callable[[], None]:
+    """A function averaging BatchNorm moving mean/variance over all replicas (timm's `--dist-bn
+    reduce`). Without --sync_bn each replica updates its own copy from its own batches; averaging
+    before every evaluation and save makes evaluation, checkpoint and resume agree."""
+    moving = [w for w in model.non_trainable_weights if "moving_" in w.path]
+    if strategy.num_replicas_in_sync == 1 or not moving:
+        return lambda: None
+
+    @tf.function
+    def sync():
+        local = strategy.run(lambda: [tf.identity(w.value) for w in moving])
+        for weight, value in zip(moving, local):
+            weight.value.assign(strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None))
+
+    return sync
+
+
 def weights_finite(model: keras.Model) -> bool:
     """True when every weight is finite (checked before each save: never checkpoint a NaN)."""
     return bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(tf.cast(w.value, tf.float32)))
@@ -252,7 +269,10 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
                 f"{derived.total_steps} steps ({derived.epochs} epochs x {derived.steps_per_epoch}), "
                 f"global batch {config.global_batch_size} ({derived.per_replica_batch_size}/replica)")
 
+    sync_bn_statistics = make_bn_statistics_sync(strategy, model)
+
     def save(step: int) -> None:
+        sync_bn_statistics()
         if not weights_finite(model):
             raise TrainingDiverged(f"the weights became non-finite by step {step}")
         saver.save(step)
@@ -273,6 +293,7 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
                 tf.summary.scalar("loss_scale", scale)
 
     def run_eval(step, epoch) -> dict:
+        sync_bn_statistics()
         metrics = evaluate(eval_step, eval_dataset)
         _say(chief, f"epoch {epoch + 1}/{derived.epochs} eval loss {metrics['loss']:.4f} "
                     f"acc {metrics['accuracy']:.4f} top5 {metrics['top5_accuracy']:.4f} "

@@ -94,3 +94,28 @@ def test_clipping_uses_the_global_norm_of_the_summed_gradient():
     values = _apply_with_grads(1.0, [[3.0, 4.0], [3.0, 4.0]], loss_scaled=False)
     for value in values:
         np.testing.assert_allclose(value, [-0.6, -0.8], rtol=1e-6)
+
+
+def test_batchnorm_moving_statistics_are_averaged_across_replicas(tmp_path):
+    # Without --sync_bn each replica updates its own moving statistics from its own batches; the
+    # sync averages them (before every evaluation and save) so every replica holds the mean.
+    from convmixer_dist import data
+    from convmixer_dist.config import derive
+
+    config = tiny_config(str(tmp_path), strategy="mirrored", cpu_replicas=2)
+    strategy = strategy_lib.create_strategy(config)
+    derived = derive(config, 2)
+    with strategy.scope():
+        model = train.create_model(config)
+        optimizer = optimization.create_optimizer(config, derived.total_steps, "float32")
+        optimizer.build(model.trainable_variables)
+    loop = train.make_train_loop(strategy, model, optimizer, config, derived, xla=False)
+    iterator = iter(data.train_dataset(strategy, config, derived))
+    loop(iterator, tf.constant(3), tf.constant(0, tf.int64), tf.constant(0, tf.int64))
+    weight = model.get_layer("stem_bn").moving_mean
+    before = [v.numpy() for v in strategy.experimental_local_results(weight.value)]
+    assert not np.array_equal(before[0], before[1])  # the replicas drifted apart
+    train.make_bn_statistics_sync(strategy, model)()
+    after = [v.numpy() for v in strategy.experimental_local_results(weight.value)]
+    np.testing.assert_allclose(after[0], (before[0] + before[1]) / 2, rtol=1e-6)
+    np.testing.assert_array_equal(after[0], after[1])
