@@ -50,7 +50,7 @@ class CheckpointSaver:
             try:
                 self.checkpoint.restore(path).assert_existing_objects_matched()
                 return path
-            except (tf.errors.OpError, ValueError, AssertionError) as err:
+            except (tf.errors.OpError, ValueError, AssertionError, IndexError) as err:
                 print(f"warning: checkpoint {path} is unusable ({err.__class__.__name__}); "
                       "trying the previous one", file=sys.stderr, flush=True)
         if candidates:

@@ -13,7 +13,7 @@ from typing import Optional
 from convmixer_dist.errors import UsageError
 
 STRATEGIES = ("one_device", "mirrored", "multi_worker")
-DATASETS = ("cifar10", "cifar100", "synthetic")
+DATASETS = ("cifar10", "cifar100", "synthetic", "image_folder")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 LR_SCHEDULES = ("onecycle", "cosine", "constant")
 AUGMENTS = ("none", "basic")
@@ -79,6 +79,14 @@ class Config:
     synthetic_train_size: int = 10000
     synthetic_eval_size: int = 1000
     augment: str = "basic"
+    crop_scale: float = 1.0
+    randaug_n: int = 0
+    randaug_m: float = 0.0
+    jitter: float = 0.0
+    erase_prob: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    augment_on_device: bool = False
     # Optimization.
     global_batch_size: int = 128
     epochs: int = 1

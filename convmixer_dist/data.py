@@ -18,20 +18,20 @@ from typing import Callable, Iterable
 import numpy as np
 import tensorflow as tf
 
+from convmixer_dist import image_folder
+from convmixer_dist.augment import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD,
+                                    IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, BatchAugmenter, normalize)
 from convmixer_dist.config import Config, Derived
 from convmixer_dist.errors import UsageError
 
 AUTOTUNE = tf.data.AUTOTUNE
 
-# Per-channel statistics in the 0..255 scale (the reference recipe's values for CIFAR-10).
-CIFAR10_MEAN = (125.307, 122.961, 113.8575)
-CIFAR10_STD = (63.0105, 62.0925, 66.7080)
-CIFAR100_MEAN = (129.3105, 124.1085, 112.404)
-CIFAR100_STD = (68.2125, 65.4075, 70.4055)
 SYNTHETIC_MEAN = (127.5, 127.5, 127.5)
 SYNTHETIC_STD = (64.0, 64.0, 64.0)
+# Per-channel statistics in the 0..255 scale.
 NORMALIZATION = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
-                 "synthetic": (SYNTHETIC_MEAN, SYNTHETIC_STD)}
+                 "synthetic": (SYNTHETIC_MEAN, SYNTHETIC_STD),
+                 "image_folder": (IMAGENET_MEAN, IMAGENET_STD)}
 
 _CIFAR_LAYOUT = {
     # dataset: (folder inside data_dir / archive, train file glob, test file name, label key)
@@ -129,8 +129,13 @@ def read_cifar(data_dir: str, dataset: str) -> dict[str, tuple[np.ndarray, np.nd
                      f"for --dataset={dataset}")
 
 
-def load_arrays(config: Config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """CIFAR arrays from `--data_dir`, or from keras.datasets (download + cache) without it."""
+def load_arrays(config: Config) -> dict:
+    """{"train": (images or paths, labels), "test": (...)}: CIFAR arrays from `--data_dir` or
+    keras.datasets (download + cache); for image_folder the file lists (+ "class_names")."""
+    if config.dataset == "image_folder":
+        splits, class_names = image_folder.list_image_folder_splits(config.data_dir)
+        return {"train": tuple(np.asarray(v) for v in splits["train"]),
+                "test": tuple(np.asarray(v) for v in splits["val"]), "class_names": class_names}
     if config.data_dir:
         return read_cifar(config.data_dir, config.dataset)
     import keras  # Imported here: only this path needs the downloader.
@@ -161,12 +166,6 @@ def synthetic_example(index, seed: int, image_size: int, num_classes: int):
 
 
 # --------------------------------------------------------------------------- pipelines
-def normalize(images, mean: Iterable[float], std: Iterable[float]):
-    """uint8/float images in 0..255 -> float32 (x - mean) / std per channel."""
-    images = tf.cast(images, tf.float32)
-    return (images - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
-
-
 def basic_augment(image, seed, image_size: int):
     """Random crop after zero padding (4 px at 32, scaled with size) and a random horizontal flip."""
     pad = max(1, image_size // 8)
@@ -182,7 +181,10 @@ def _example_fn(config: Config, split: str, arrays) -> Callable:
         offset = 0 if split == "train" else 1 << 30
         return lambda i: synthetic_example(i + offset, config.seed, config.image_size, config.num_classes)
     images, labels = arrays["train" if split == "train" else "test"]
-    images, labels = tf.constant(images), tf.constant(labels)
+    images, labels = tf.constant(images), tf.constant(labels, tf.int32)
+    if config.dataset == "image_folder":  # `images` are file paths, decoded in the pipeline.
+        return lambda i: (image_folder.decode_and_resize(tf.gather(images, i), config.image_size),
+                          tf.gather(labels, i))
     resize = images.shape[1] != config.image_size
 
     def example(i):
@@ -217,6 +219,23 @@ def shard_size(total: int, num_shards: int, index: int) -> int:
     return len(range(index, total, num_shards))
 
 
+def augment_spec(config: Config, pipeline: int = 0) -> AugmentSpec:
+    """The heavy (batched) augmentations of the config; identity when none is set."""
+    return AugmentSpec(crop_scale=config.crop_scale, randaug_n=config.randaug_n,
+                       randaug_m=config.randaug_m, jitter=config.jitter, erase_prob=config.erase_prob,
+                       mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
+                       hflip=config.crop_scale < 1.0, seed=(config.seed * 31 + pipeline) % 2 ** 31)
+
+
+def make_augmenter(config: Config, pipeline: int = 0) -> BatchAugmenter | None:
+    """A BatchAugmenter for the heavy augmentations, or None when there are none."""
+    spec = augment_spec(config, pipeline)
+    if spec.is_identity:
+        return None
+    return BatchAugmenter(spec, config.num_classes, config.image_size,
+                          fill_mean=NORMALIZATION[config.dataset][0])
+
+
 def make_dataset_fn(config: Config, derived: Derived, split: str, arrays=None,
                     start_step: int = 0) -> Callable:
     """The per-input-pipeline dataset builder for `strategy.distribute_datasets_from_function`.
@@ -244,6 +263,14 @@ def make_dataset_fn(config: Config, derived: Derived, split: str, arrays=None,
                 return image, label
 
             ds = ds.map(load, num_parallel_calls=AUTOTUNE).batch(batch, drop_remainder=True)
+            augmenter = make_augmenter(config, pipeline)
+            if augmenter is not None and config.augment_on_device:
+                # Raw uint8 batches; the train step augments and normalizes on the device.
+                return ds.prefetch(AUTOTUNE)
+            if augmenter is not None:
+                # Batch k of this pipeline is step k // replicas; its augmentation seed is k.
+                first = start_step * (ctx.num_replicas_in_sync // pipelines)
+                ds = augmenter.map_dataset(ds, start_step=first)
         else:
             ds = tf.data.Dataset.range(pipeline, derived.eval_size, pipelines)
             # Keep the partial batch: every example is evaluated exactly once.

@@ -48,6 +48,18 @@ flags.DEFINE_integer("synthetic_train_size", 10000, "Training examples per epoch
 flags.DEFINE_integer("synthetic_eval_size", 1000, "Evaluation examples of synthetic data.")
 flags.DEFINE_enum("augment", "basic", cfg.AUGMENTS, "basic = random crop with 4px padding (scaled "
                   "with image size) + horizontal flip; none = no augmentation.")
+flags.DEFINE_float("crop_scale", 1.0, "Random resized crop: minimum area fraction (reference --scale); "
+                   "1 = off. Adds a horizontal flip.")
+flags.DEFINE_integer("randaug_n", 0, "RandAugment operations per image (reference --ra-n); 0 = off.")
+flags.DEFINE_float("randaug_m", 0.0, "RandAugment magnitude, torchvision scale 0..30 (reference --ra-m).")
+flags.DEFINE_float("jitter", 0.0, "Colour jitter strength (brightness = contrast = saturation).")
+flags.DEFINE_float("erase_prob", 0.0, "Random erasing probability per image (reference --reprob).")
+flags.DEFINE_float("mixup_alpha", 0.0, "MixUp Beta(alpha, alpha); 0 = off. Soft-label loss.")
+flags.DEFINE_float("cutmix_alpha", 0.0, "CutMix Beta(alpha, alpha) in (0, 1]; 0 = off. With MixUp, "
+                   "one of the two per batch (probability 0.5).")
+flags.DEFINE_boolean("augment_on_device", False, "Run the heavy augmentations (crop_scale, RandAugment, "
+                     "jitter, erasing, MixUp/CutMix) batched inside the training step on the "
+                     "accelerator instead of in tf.data on the host CPU.")
 # Optimization.
 flags.DEFINE_integer("global_batch_size", 128, "Batch size summed over all replicas.")
 flags.DEFINE_integer("epochs", 1, "Training epochs (ignored when --train_steps is set).")
@@ -132,10 +144,21 @@ def validate(c: cfg.Config) -> None:
     if c.data_dir and not os.path.exists(c.data_dir):
         raise UsageError(f"--data_dir={c.data_dir} does not exist: expected the folder holding "
                          f"the {c.dataset} files (or their .tar.gz)")
+    if c.dataset == "image_folder" and not c.data_dir:
+        raise UsageError("--dataset=image_folder needs --data_dir=DIR with DIR/train/<class>/ and DIR/val/<class>/")
     if c.dataset == "synthetic" and c.data_dir:
         raise UsageError("--data_dir is not used by --dataset=synthetic; drop it or pick a real dataset")
     if not c.model_dir:
         raise UsageError("--model_dir is empty: expected a directory for checkpoints and logs")
+
+
+def _count_class_folders(data_dir: str) -> int:
+    """Classes of an image_folder tree: the subfolders of DATA_DIR/train (read before TensorFlow)."""
+    train = os.path.join(data_dir, "train")
+    if not data_dir or not os.path.isdir(train):
+        raise UsageError(f"--data_dir={data_dir!r}: --dataset=image_folder expects DIR/train/<class>/*.jpg "
+                         "and DIR/val/<class>/*.jpg")
+    return len([d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d))])
 
 
 def config_from_flags() -> cfg.Config:
@@ -150,7 +173,10 @@ def config_from_flags() -> cfg.Config:
         num_classes = cfg.DATASET_CLASSES[FLAGS.dataset]
     else:
         num_classes = FLAGS.num_classes
-    image_size = FLAGS.image_size or cfg.NATIVE_IMAGE_SIZE.get(FLAGS.dataset, 32)
+    if FLAGS.dataset == "image_folder":
+        num_classes = _count_class_folders(FLAGS.data_dir)
+    image_size = FLAGS.image_size or cfg.NATIVE_IMAGE_SIZE.get(
+        FLAGS.dataset, preset["image_size"] if FLAGS.dataset == "image_folder" else 32)
     config = cfg.Config(
         strategy=FLAGS.strategy, num_gpus=FLAGS.num_gpus, cpu_replicas=FLAGS.cpu_replicas,
         all_reduce=FLAGS.all_reduce, cluster=FLAGS.cluster, collective_timeout=FLAGS.collective_timeout,
@@ -159,7 +185,10 @@ def config_from_flags() -> cfg.Config:
         dropout_rate=FLAGS.dropout_rate, sync_bn=FLAGS.sync_bn,
         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=image_size, num_classes=num_classes,
         synthetic_train_size=FLAGS.synthetic_train_size, synthetic_eval_size=FLAGS.synthetic_eval_size,
-        augment=FLAGS.augment,
+        augment=FLAGS.augment, crop_scale=FLAGS.crop_scale, randaug_n=FLAGS.randaug_n,
+        randaug_m=FLAGS.randaug_m, jitter=FLAGS.jitter, erase_prob=FLAGS.erase_prob,
+        mixup_alpha=FLAGS.mixup_alpha, cutmix_alpha=FLAGS.cutmix_alpha,
+        augment_on_device=FLAGS.augment_on_device,
         global_batch_size=FLAGS.global_batch_size, epochs=FLAGS.epochs, train_steps=FLAGS.train_steps,
         steps_per_loop=FLAGS.steps_per_loop, learning_rate=FLAGS.learning_rate,
         weight_decay=FLAGS.weight_decay, lr_schedule=FLAGS.lr_schedule, warmup_steps=FLAGS.warmup_steps,

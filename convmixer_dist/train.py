@@ -7,6 +7,7 @@ worker takes part in checkpoint saves.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -18,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from convmixer_dist import data, optimization, rundir
+from convmixer_dist import data, image_folder, optimization, rundir
 from convmixer_dist.checkpoint import CheckpointSaver
 from convmixer_dist.config import Config, Derived, derive
 from convmixer_dist.model import build_convmixer, count_params
@@ -55,11 +56,18 @@ def make_train_loop(strategy, model, optimizer, config: Config, derived: Derived
     """A tf.function running `num_steps` training steps; returns summed (loss, correct, count)."""
     variables = model.trainable_variables
     global_batch = config.global_batch_size
+    # --augment_on_device: the pipeline delivers raw batches; augment + normalize here, batched.
+    augmenter = data.make_augmenter(config) if config.augment_on_device else None
+    mean, std = data.NORMALIZATION[config.dataset]
 
     def forward_backward(images, labels, poison):
+        """`labels`: int class ids, or float soft targets [N, classes] (MixUp/CutMix)."""
+        if labels.dtype.is_integer:
+            targets = tf.one_hot(labels, config.num_classes)
+        else:
+            targets, labels = labels, tf.argmax(labels, -1, output_type=tf.int32)
         with tf.GradientTape() as tape:
             logits = model(images, training=True) * poison  # poison: 1, or NaN for fault injection
-            targets = tf.one_hot(labels, config.num_classes)
             per_example = keras.losses.categorical_crossentropy(
                 targets, logits, from_logits=True, label_smoothing=config.label_smoothing)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
@@ -75,7 +83,10 @@ def make_train_loop(strategy, model, optimizer, config: Config, derived: Derived
         # Only forward+backward is compiled: compiling the update under a strategy fails on CPU.
         forward_backward = tf.function(forward_backward, jit_compile=True)
 
-    def replica_step(images, labels, poison):
+    def replica_step(images, labels, poison, step):
+        if augmenter is not None:
+            images, labels = augmenter(images, labels, step=step)
+            images = data.normalize(images, mean, std)
         grads, loss_sum, correct = forward_backward(images, labels, poison)
         grads = optimization.prepare_gradients(grads, config.clip_norm, optimization.loss_scale(optimizer))
         optimizer.apply_gradients(zip(grads, variables))
@@ -88,8 +99,9 @@ def make_train_loop(strategy, model, optimizer, config: Config, derived: Derived
         totals = [tf.constant(0.0), tf.constant(0.0), tf.constant(0.0)]
         for i in tf.range(num_steps):
             images, labels = next(iterator)
-            poison = tf.where(first_step + tf.cast(i, tf.int64) + 1 == nan_at_step, float("nan"), 1.0)
-            per_replica = strategy.run(replica_step, args=(images, labels, poison))
+            step = first_step + tf.cast(i, tf.int64)
+            poison = tf.where(step + 1 == nan_at_step, float("nan"), 1.0)
+            per_replica = strategy.run(replica_step, args=(images, labels, poison, step))
             totals = [t + strategy.reduce(SUM, v, axis=None) for t, v in zip(totals, per_replica)]
         return totals
 
@@ -190,10 +202,13 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
     arrays = None if config.dataset == "synthetic" else data.load_arrays(config)
     sizes = (None, None) if arrays is None else (len(arrays["train"][0]), len(arrays["test"][0]))
     derived = derive(config, strategy.num_replicas_in_sync, *sizes)
+    data.augment_spec(config).validate()
     eval_dataset = data.eval_dataset(strategy, config, derived, arrays)
     moved = rundir.prepare_model_dir(config, chief)
     if moved:
         _say(chief, f"--overwrite: moved the previous run to {moved}")
+    if chief and arrays and "class_names" in arrays:
+        image_folder.save_class_names(config.model_dir, arrays["class_names"])
 
     # ---- model, optimizer, checkpoint
     with strategy.scope():
@@ -205,8 +220,12 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         # Sums (loss, correct, count) of the current epoch, so a resumed run reports the same numbers.
         epoch_totals = tf.Variable(tf.zeros(3, tf.float64), trainable=False, name="epoch_totals")
+        # Dropout's random-number state is not part of a Keras model's TF checkpoint; saving it is
+        # what lets a resumed run draw the same dropout masks as an uninterrupted one.
+        rng = tf.train.Checkpoint(**{f"state{i}": v.value for i, v in enumerate(model.variables)
+                                     if "seed_generator" in v.path})
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var,
-                                         lr_scale=lr_scale, epoch_totals=epoch_totals)
+                                         lr_scale=lr_scale, epoch_totals=epoch_totals, rng=rng)
     resolver = getattr(strategy, "cluster_resolver", None)
     task_id = int(getattr(resolver, "task_id", 0) or 0)
     saver = CheckpointSaver(checkpoint, config.model_dir, chief, task_id, config.keep_checkpoints)
@@ -323,7 +342,10 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
                 save(step)
         return metrics
 
-    with PreemptionWatcher(strategy) as watcher:
+    # A corrupt image surfaces as a decode error mid-run; name the file in one line.
+    corrupt_files = (image_folder.reporting_corrupt_files(list(arrays["train"][0]) + list(arrays["test"][0]))
+                     if config.dataset == "image_folder" else contextlib.nullcontext())
+    with PreemptionWatcher(strategy) as watcher, corrupt_files:
         while True:
             try:
                 eval_metrics = train_until_done(watcher)

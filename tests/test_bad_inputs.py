@@ -1,0 +1,79 @@
+"""Every input a user can get wrong: exit code 2, exactly one line on stderr naming the flag or file,
+no traceback, and nothing written."""
+import json
+import os
+
+import pytest
+
+from cifar_files import write_cifar10
+from helpers import run_cli
+
+TINY = ["--hidden_dim=16", "--depth=1", "--kernel_size=3", "--patch_size=2", "--image_size=8",
+        "--global_batch_size=32", "--train_steps=2", "--steps_per_loop=2",
+        "--synthetic_train_size=64", "--synthetic_eval_size=32"]
+
+
+def corrupt_cifar(tmp):
+    folder = write_cifar10(str(tmp / "data"), train_sizes=(8, 8), test_size=4)
+    with open(os.path.join(folder, "data_batch_2"), "wb") as f:
+        f.write(b"\x80\x04garbage")
+    return ["--dataset=cifar10", f"--data_dir={tmp / 'data'}", "--image_size=32"], {}
+
+
+def empty_cifar(tmp):
+    (tmp / "empty").mkdir()
+    return ["--dataset=cifar10", f"--data_dir={tmp / 'empty'}", "--image_size=32"], {}
+
+
+def tf_config(value):
+    return lambda tmp: (["--strategy=multi_worker"], {"TF_CONFIG": value})
+
+
+def model_dir_under_a_file(tmp):
+    (tmp / "a_file").write_text("x")
+    return [f"--model_dir={tmp / 'a_file' / 'run'}"], {}
+
+
+CASES = {
+    "unknown strategy": (lambda tmp: (["--strategy=bogus"], {}), "--strategy"),
+    "unknown model": (lambda tmp: (["--model=convmixer_9_9"], {}), "--model"),
+    "unknown dataset": (lambda tmp: (["--dataset=imagenet21k"], {}), "--dataset"),
+    "unknown precision": (lambda tmp: (["--precision=fp8"], {}), "--precision"),
+    "unknown flag": (lambda tmp: (["--hiden_dim=3"], {}), "hiden_dim"),
+    "zero hidden_dim": (lambda tmp: (["--hidden_dim=0"], {}), "--hidden_dim"),
+    "negative depth": (lambda tmp: (["--depth=-1"], {}), "--depth"),
+    "zero batch": (lambda tmp: (["--global_batch_size=0"], {}), "--global_batch_size"),
+    "negative learning rate": (lambda tmp: (["--learning_rate=-1"], {}), "--learning_rate"),
+    "dropout above 1": (lambda tmp: (["--dropout_rate=1.5"], {}), "--dropout_rate"),
+    "patch does not divide image": (lambda tmp: (["--image_size=30", "--patch_size=4"], {}), "--patch_size"),
+    "kernel larger than patch grid": (lambda tmp: (["--kernel_size=9"], {}), "--kernel_size"),
+    "batch not divisible by replicas": (
+        lambda tmp: (["--strategy=mirrored", "--cpu_replicas=2", "--global_batch_size=33"], {}),
+        "--global_batch_size=33"),
+    "missing data dir": (lambda tmp: (["--dataset=cifar10", "--data_dir=/nonexistent/cifar"], {}),
+                         "--data_dir"),
+    "data dir without cifar files": (empty_cifar, "--data_dir"),
+    "corrupt data file": (corrupt_cifar, "data_batch_2"),
+    "TF_CONFIG missing": (tf_config(None), "TF_CONFIG"),
+    "TF_CONFIG malformed": (tf_config("{not json"), "TF_CONFIG"),
+    "TF_CONFIG with one worker": (
+        tf_config(json.dumps({"cluster": {"worker": ["localhost:2222"]},
+                              "task": {"type": "worker", "index": 0}})), "at least 2"),
+    "unwritable model_dir": (model_dir_under_a_file, "--model_dir"),
+    "missing flagfile": (lambda tmp: (["--flagfile=configs/nope.flags"], {}), "nope.flags"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input(tmp_path, case):
+    build, named = CASES[case]
+    args, env = build(tmp_path)
+    env.setdefault("TF_CONFIG", None)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    result = run_cli("convmixer_dist.main", f"--model_dir={tmp_path / 'run'}", *TINY, *args, env=env)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and named in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written
