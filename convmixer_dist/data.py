@@ -224,7 +224,7 @@ def augment_spec(config: Config, pipeline: int = 0) -> AugmentSpec:
     return AugmentSpec(crop_scale=config.crop_scale, randaug_n=config.randaug_n,
                        randaug_m=config.randaug_m, jitter=config.jitter, erase_prob=config.erase_prob,
                        mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
-                       hflip=config.crop_scale < 1.0, seed=(config.seed * 31 + pipeline) % 2 ** 31)
+                       hflip=config.augment == "rrc", seed=(config.seed * 31 + pipeline) % 2 ** 31)
 
 
 def make_augmenter(config: Config, pipeline: int = 0) -> BatchAugmenter | None:

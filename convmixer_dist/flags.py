@@ -47,9 +47,10 @@ flags.DEFINE_integer("num_classes", 10, "Classes of --dataset=synthetic.")
 flags.DEFINE_integer("synthetic_train_size", 10000, "Training examples per epoch of synthetic data.")
 flags.DEFINE_integer("synthetic_eval_size", 1000, "Evaluation examples of synthetic data.")
 flags.DEFINE_enum("augment", "basic", cfg.AUGMENTS, "basic = random crop with 4px padding (scaled "
-                  "with image size) + horizontal flip; none = no augmentation.")
-flags.DEFINE_float("crop_scale", 1.0, "Random resized crop: minimum area fraction (reference --scale); "
-                   "1 = off. Adds a horizontal flip.")
+                  "with image size) + horizontal flip; rrc = the reference recipe's random resized "
+                  "crop (area >= --crop_scale) + horizontal flip; none = neither.")
+flags.DEFINE_float("crop_scale", 1.0, "With --augment=rrc: minimum crop area fraction (reference "
+                   "--scale); 1 = flip only.")
 flags.DEFINE_integer("randaug_n", 0, "RandAugment operations per image (reference --ra-n); 0 = off.")
 flags.DEFINE_float("randaug_m", 0.0, "RandAugment magnitude, torchvision scale 0..30 (reference --ra-m).")
 flags.DEFINE_float("jitter", 0.0, "Colour jitter strength (brightness = contrast = saturation).")
@@ -127,6 +128,8 @@ def validate(c: cfg.Config) -> None:
         raise UsageError(f"--num_classes={c.num_classes}: expected at least 2")
     if c.num_gpus < -1:
         raise UsageError(f"--num_gpus={c.num_gpus}: expected -1 (all visible) or a count >= 0")
+    if c.crop_scale < 1.0 and c.augment != "rrc":
+        raise UsageError(f"--crop_scale={c.crop_scale} applies to --augment=rrc (got --augment={c.augment})")
     if c.image_size % c.patch_size:
         raise UsageError(f"--patch_size={c.patch_size} does not divide --image_size={c.image_size}: "
                          "the patch embedding would drop border pixels; pick a divisor")
