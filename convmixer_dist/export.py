@@ -22,7 +22,7 @@ import os
 import sys
 from typing import TextIO
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from convmixer_dist import saved_run
 from convmixer_dist.config import Config
@@ -104,6 +104,7 @@ def main(argv) -> None:
         raise UsageError("--output is required: the directory to write the exported model to")
     _check_output(flags.FLAGS.output)
     config = saved_run.load_run_config(flags.FLAGS.model_dir)
+    logging.set_verbosity(logging.WARNING)  # TensorFlow's SavedModel writer logs INFO lines.
     from convmixer_dist.runtime import quiet_tensorflow_import
 
     quiet_tensorflow_import()
