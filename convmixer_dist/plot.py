@@ -69,6 +69,9 @@ def read_scalars(model_dir: str) -> Scalars:
     if not runs:
         raise UsageError(f"--model_dir={model_dir}: no TensorBoard event files "
                          f"({EVENT_FILE_MARKER}*) under it; train first or point at the run's directory")
+    from convmixer_dist.runtime import quiet_tensorflow_import
+
+    quiet_tensorflow_import()  # No TensorFlow start-up chatter in a plotting command.
     import tensorflow as tf
 
     scalars: Scalars = {}
@@ -162,6 +165,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up INFO/WARNING lines
     _define_flags()
     app.run(main)

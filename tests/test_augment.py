@@ -275,3 +275,12 @@ def test_normalize_uses_per_channel_statistics():
     np.testing.assert_allclose(normalize(images, CIFAR10_MEAN, CIFAR10_STD).numpy(), 0.0, atol=1e-5)
     ones = normalize(images + tf.constant(CIFAR10_STD), CIFAR10_MEAN, CIFAR10_STD).numpy()
     np.testing.assert_allclose(ones, 1.0, atol=1e-5)
+
+
+def test_dataset_statistics_agree_with_the_input_pipeline():
+    from convmixer_dist import augment, data
+
+    assert (augment.CIFAR10_MEAN, augment.CIFAR10_STD) == data.NORMALIZATION["cifar10"]
+    assert (augment.CIFAR100_MEAN, augment.CIFAR100_STD) == data.NORMALIZATION["cifar100"]
+    np.testing.assert_allclose(np.array(augment.IMAGENET_MEAN) / 255, [0.485, 0.456, 0.406])
+    np.testing.assert_allclose(np.array(augment.IMAGENET_STD) / 255, [0.229, 0.224, 0.225])

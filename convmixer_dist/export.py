@@ -1,0 +1,127 @@
+"""Export a training run's checkpoint as a self-contained classifier: uint8 images in, probabilities out.
+
+    python -m convmixer_dist.export --model_dir=runs/cifar10 --output=exports/cifar10 [--checkpoint=PREFIX]
+
+OUTPUT/
+  saved_model/       TensorFlow SavedModel, signature `serving_default` (endpoint `serve`):
+                     uint8 [N, H, W, 3] (any N, H, W) -> float32 [N, num_classes] probabilities
+  model.keras        the same Keras model (keras.models.load_model)
+  class_names.json   index -> class name
+  export.json        image size, normalization, source checkpoint and step
+
+Preprocessing is inside the model: an image that is not image_size x image_size is centre-cropped to
+a square and resized (bilinear) with keras.layers.Resizing; then keras.layers.Normalization applies
+the training pipeline's per-channel mean/std (0..255 scale); the ConvMixer's logits go through a
+float32 softmax. At the training size the resize is the identity, so the export reproduces the
+checkpoint's predictions on the evaluation pipeline's inputs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import TextIO
+
+from absl import app, flags, logging
+
+from convmixer_dist import saved_run
+from convmixer_dist.config import Config
+from convmixer_dist.errors import UsageError, exit_on_usage_error
+
+SAVED_MODEL_DIR = "saved_model"
+KERAS_FILE = "model.keras"
+INFO_FILE = "export.json"
+
+
+def build_serving_model(model, image_size: int, mean, std, name: str = "convmixer_classifier"):
+    """uint8 images of any size -> crop/resize -> normalize -> `model` -> float32 softmax."""
+    import keras
+    import numpy as np
+
+    inputs = keras.Input((None, None, 3), dtype="uint8", name="images")
+    x = keras.layers.Resizing(image_size, image_size, interpolation="bilinear", crop_to_aspect_ratio=True,
+                              dtype="float32", name="resize")(inputs)
+    x = keras.layers.Normalization(mean=list(mean), variance=list(np.square(std)), dtype="float32",
+                                   name="normalize")(x)
+    # training=False is pinned here: keras.layers.Resizing's call defaults to training=True, which Keras
+    # propagates to later layers, so an unpinned call would run BatchNorm on batch statistics.
+    logits = model(x, training=False)
+    probabilities = keras.layers.Softmax(dtype="float32", name="probabilities")(logits)
+    return keras.Model(inputs, probabilities, name=name)
+
+
+def _check_output(output: str) -> None:
+    if os.path.isfile(output):
+        raise UsageError(f"--output={output} is a file; expected a directory for the export")
+    if os.path.isdir(output) and os.listdir(output) and not os.path.isfile(os.path.join(output, INFO_FILE)):
+        raise UsageError(f"--output={output} exists and is not an earlier export; pick a new directory")
+
+
+def export_run(config: Config, output: str, checkpoint: str | None = None,
+               out: TextIO = sys.stdout) -> dict:
+    """Restore the run's checkpoint and write the export described in the module docstring;
+    returns the contents of export.json."""
+    from convmixer_dist import image_folder, rundir
+
+    _check_output(output)
+    path = saved_run.checkpoint_path(config.model_dir, checkpoint)
+    model, step = saved_run.restore_model(config, path)
+    names = saved_run.class_names(config, config.model_dir)
+    mean, std = saved_run.normalization(config)
+    serving = build_serving_model(model, config.image_size, mean, std)
+    os.makedirs(output, exist_ok=True)
+    serving.save(os.path.join(output, KERAS_FILE))
+    serving.export(os.path.join(output, SAVED_MODEL_DIR), format="tf_saved_model", verbose=False)
+    image_folder.save_class_names(output, names)
+    info = {"checkpoint": path, "step": step, "model": config.model, "dataset": config.dataset,
+            "num_classes": config.num_classes, "image_size": config.image_size,
+            "mean": list(mean), "std": list(std),
+            "input": "uint8 [N, H, W, 3], any N/H/W (centre-cropped to square, resized to image_size)",
+            "output": "float32 [N, num_classes] class probabilities"}
+    rundir.write_json(os.path.join(output, INFO_FILE), info)
+    print(f"exported {path} (step {step}) to {output}: {SAVED_MODEL_DIR}/, {KERAS_FILE}, "
+          f"{image_folder.CLASS_NAMES_FILE}, {INFO_FILE}", file=out, flush=True)
+    return info
+
+
+# ---------------------------------------------------------------------------------------- command
+def _define_flags() -> None:
+    from convmixer_dist import flags as cli  # noqa: F401  (--model_dir and the run's flags)
+
+    flags.DEFINE_string("output", None, "Directory to write the export to.")
+    flags.DEFINE_string("checkpoint", None, "Checkpoint prefix (MODEL_DIR/checkpoints/ckpt-N); "
+                        "default: the latest.")
+    flags.declare_key_flag("model_dir")
+
+
+@exit_on_usage_error
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise UsageError(f"unexpected arguments {argv[1:]}; usage: --model_dir=DIR --output=DIR")
+    if not flags.FLAGS["model_dir"].present:
+        raise UsageError("--model_dir is required: the directory of the training run to export")
+    if not flags.FLAGS.output:
+        raise UsageError("--output is required: the directory to write the exported model to")
+    _check_output(flags.FLAGS.output)
+    config = saved_run.load_run_config(flags.FLAGS.model_dir)
+    logging.set_verbosity(logging.WARNING)  # TensorFlow's SavedModel writer logs INFO lines.
+    from convmixer_dist.runtime import quiet_tensorflow_import
+
+    quiet_tensorflow_import()
+    export_run(config, flags.FLAGS.output, flags.FLAGS.checkpoint)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl parsing whose errors are one line with exit code 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        from convmixer_dist.errors import report_and_exit
+
+        report_and_exit(UsageError(str(err)))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    _define_flags()
+    app.run(main, flags_parser=parse_flags)

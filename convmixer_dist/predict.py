@@ -1,0 +1,120 @@
+"""Classify image files with an exported model: the top-k classes with names and probabilities.
+
+    python -m convmixer_dist.predict --model=exports/cifar10 [--top_k=5] cat.jpg dog.png ...
+
+--model is the --output directory of `convmixer_dist.export` (its SavedModel and class_names.json);
+the model does its own resizing and normalization, so any JPEG/PNG/GIF/BMP of any size works.
+Needs only TensorFlow, not the training code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Sequence, TextIO
+
+from absl import app, flags
+
+from convmixer_dist.errors import UsageError, exit_on_usage_error
+
+SAVED_MODEL_DIR = "saved_model"  # Layout written by convmixer_dist.export.
+CLASS_NAMES_FILE = "class_names.json"
+
+
+def _check_model_dir(model: str) -> tuple[str, str]:
+    saved_model = os.path.join(model, SAVED_MODEL_DIR)
+    names = os.path.join(model, CLASS_NAMES_FILE)
+    if not os.path.isfile(os.path.join(saved_model, "saved_model.pb")) or not os.path.isfile(names):
+        raise UsageError(f"--model={model}: expected an export directory with {SAVED_MODEL_DIR}/ and "
+                         f"{CLASS_NAMES_FILE} (the --output of python -m convmixer_dist.export)")
+    return saved_model, names
+
+
+def load_classifier(model: str):
+    """(loaded SavedModel, class names) of an export directory; `loaded.serve(uint8 [N,H,W,3])` gives
+    probabilities. (Keep the loaded object: its variables die with it, even if `serve` is kept.)"""
+    import tensorflow as tf
+
+    saved_model, names_path = _check_model_dir(model)
+    with open(names_path) as f:
+        names = json.load(f)
+    loaded = tf.saved_model.load(saved_model)
+    return loaded, names
+
+
+def read_image(path: str):
+    """uint8 [1, H, W, 3] tensor of an image file; UsageError naming the file otherwise."""
+    import tensorflow as tf
+
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such image file")
+    try:
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, dtype=tf.uint8,
+                                   expand_animations=False)
+    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
+        raise UsageError(f"{path}: not a decodable JPEG/PNG/GIF/BMP image") from None
+    return image[None]
+
+
+def predict_files(model: str, paths: Sequence[str], top_k: int = 5) -> list[list[tuple[str, float]]]:
+    """For each image, its top_k (class name, probability) pairs, most likely first."""
+    import numpy as np
+
+    loaded, names = load_classifier(model)
+    results = []
+    for path in paths:
+        probabilities = np.asarray(loaded.serve(read_image(path)))[0]
+        order = np.argsort(-probabilities, kind="stable")[:top_k]
+        results.append([(names[i], float(probabilities[i])) for i in order])
+    return results
+
+
+def print_predictions(paths: Sequence[str], results, out: TextIO = sys.stdout) -> None:
+    for path, top in zip(paths, results):
+        print(path, file=out)
+        width = max(len(name) for name, _ in top)
+        for rank, (name, probability) in enumerate(top, 1):
+            print(f"  {rank}. {name:<{width}}  {probability:.4f}", file=out)
+    out.flush()
+
+
+# ---------------------------------------------------------------------------------------- command
+def _define_flags() -> None:
+    flags.DEFINE_string("model", None, "Export directory (the --output of convmixer_dist.export).")
+    flags.DEFINE_integer("top_k", 5, "Classes to print per image.")
+
+
+@exit_on_usage_error
+def main(argv) -> None:
+    paths = argv[1:]
+    model, top_k = flags.FLAGS.model, flags.FLAGS.top_k
+    if not model:
+        raise UsageError("--model is required: the export directory (convmixer_dist.export --output)")
+    if not paths:
+        raise UsageError("no images: usage: python -m convmixer_dist.predict --model=DIR IMAGE...")
+    if top_k < 1:
+        raise UsageError(f"--top_k={top_k}: expected a positive number of classes")
+    _check_model_dir(model)
+    for path in paths:  # Fail on a typo before loading the model.
+        if not os.path.isfile(path):
+            raise UsageError(f"{path}: no such image file")
+    from convmixer_dist.runtime import quiet_tensorflow_import
+
+    quiet_tensorflow_import()
+    print_predictions(paths, predict_files(model, paths, top_k))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl parsing whose errors are one line with exit code 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        from convmixer_dist.errors import report_and_exit
+
+        report_and_exit(UsageError(str(err)))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    _define_flags()
+    app.run(main, flags_parser=parse_flags)

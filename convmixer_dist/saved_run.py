@@ -1,0 +1,133 @@
+"""Reopen a finished (or running) training run: its Config, its model with checkpoint weights, and
+the names of its classes. Used by `evaluate` and `export`.
+
+The Config comes from MODEL_DIR/flags.txt, which `main` writes with every resolved field
+(`Config.to_flagfile`), so the model is rebuilt exactly as training built it (`train.create_model`)
+and the run's own validation (`flags.validate`) applies. Overrides (e.g. a `--data_dir` that moved)
+replace single fields before validation.
+
+TensorFlow is imported only inside the functions that need it, so a command can validate its flags
+and this run's flags.txt (one-line errors, no TensorFlow start-up noise) before loading it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping
+
+from convmixer_dist.config import Config, read_flagfile
+from convmixer_dist.errors import UsageError
+from convmixer_dist.rundir import FLAGS_FILE
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                   "truck")
+CIFAR100_CLASSES = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
+    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
+    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup",
+    "dinosaur", "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house",
+    "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man",
+    "maple_tree", "motorcycle", "mountain", "mouse", "mushroom", "oak_tree", "orange", "orchid",
+    "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain", "plate", "poppy", "porcupine",
+    "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew",
+    "skunk", "skyscraper", "snail", "snake", "spider", "squirrel", "streetcar", "sunflower",
+    "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor", "train", "trout",
+    "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm")
+
+
+def _convert(field: dataclasses.Field, text: str, source: str):
+    kind = field.type if isinstance(field.type, str) else field.type.__name__
+    try:
+        if kind == "bool":
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1")
+        return {"int": int, "float": float, "str": str}[kind](text)
+    except (ValueError, KeyError):
+        raise UsageError(f"{source}: --{field.name}={text} is not a valid {kind}") from None
+
+
+def load_run_config(model_dir: str, overrides: Mapping[str, str] | None = None) -> Config:
+    """The run's Config from MODEL_DIR/flags.txt (model_dir set to `model_dir`), with `overrides`
+    ({flag name: value text}) applied, validated like a training run."""
+    from convmixer_dist import flags as cli  # The run's validation; defines the training flags.
+
+    path = os.path.join(model_dir, FLAGS_FILE)
+    if not os.path.isdir(model_dir):
+        raise UsageError(f"--model_dir={model_dir}: directory does not exist")
+    if not os.path.isfile(path):
+        raise UsageError(f"--model_dir={model_dir}: no {FLAGS_FILE}; expected the --model_dir of a "
+                         "training run (python -m convmixer_dist.main writes it)")
+    try:
+        values = read_flagfile(path)
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path} is unreadable ({err.__class__.__name__})") from None
+    values.update(overrides or {})
+    values["model_dir"] = model_dir
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UsageError(f"{path}: unknown flags {unknown} (written by another version?)")
+    config = Config(**{name: _convert(fields[name], text, path) for name, text in values.items()})
+    cli.validate(config)
+    return config
+
+
+def checkpoint_path(model_dir: str, checkpoint: str | None = None) -> str:
+    """`checkpoint` (a prefix such as MODEL_DIR/checkpoints/ckpt-500) if given, else the latest one."""
+    import tensorflow as tf
+
+    from convmixer_dist import checkpoint as checkpoint_lib
+
+    if checkpoint:
+        if not tf.io.gfile.exists(checkpoint + ".index"):
+            raise UsageError(f"--checkpoint={checkpoint}: no such checkpoint (expected a prefix like "
+                             f"{checkpoint_lib.checkpoint_dir(model_dir)}/ckpt-N, without .index)")
+        return checkpoint
+    latest = tf.train.latest_checkpoint(checkpoint_lib.checkpoint_dir(model_dir))
+    if not latest:
+        raise UsageError(f"--model_dir={model_dir}: no checkpoint in "
+                         f"{checkpoint_lib.checkpoint_dir(model_dir)}; train first")
+    return latest
+
+
+def restore_model(config: Config, path: str):
+    """The run's model (built by `train.create_model`, float32, no cross-replica BatchNorm) with the
+    weights of checkpoint `path`; returns (model, step). Optimizer state in the checkpoint is ignored."""
+    import tensorflow as tf
+
+    from convmixer_dist import train
+
+    model = train.create_model(dataclasses.replace(config, sync_bn=False))
+    step = tf.Variable(0, dtype=tf.int64, trainable=False)
+    try:
+        status = tf.train.Checkpoint(model=model, step=step).restore(path)
+        status.expect_partial().assert_existing_objects_matched()
+    except (tf.errors.OpError, AssertionError, ValueError) as err:
+        raise UsageError(f"checkpoint {path} does not match the model in flags.txt "
+                         f"({err.__class__.__name__}: {str(err).splitlines()[0][:150]})") from None
+    return model, int(step.numpy())
+
+
+def class_names(config: Config, model_dir: str) -> list[str]:
+    """MODEL_DIR/class_names.json if present (image folders), else the dataset's known names."""
+    from convmixer_dist import image_folder
+
+    saved = image_folder.load_class_names(model_dir)
+    if saved is not None:
+        if len(saved) != config.num_classes:
+            raise UsageError(f"{os.path.join(model_dir, image_folder.CLASS_NAMES_FILE)}: "
+                             f"{len(saved)} names for {config.num_classes} classes")
+        return saved
+    if config.dataset == "cifar10":
+        return list(CIFAR10_CLASSES)
+    if config.dataset == "cifar100":
+        return list(CIFAR100_CLASSES)
+    return [f"class_{i}" for i in range(config.num_classes)]
+
+
+def normalization(config: Config) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) in 0..255 the run's input pipeline normalized with."""
+    from convmixer_dist import data
+
+    return data.NORMALIZATION[config.dataset]
