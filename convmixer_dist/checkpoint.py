@@ -25,12 +25,12 @@ class CheckpointSaver:
     """Save every N steps and at the end; restore the chief's latest checkpoint."""
 
     def __init__(self, checkpoint: tf.train.Checkpoint, model_dir: str, chief: bool, task_id: int,
-                 keep: int):
+                 keep: int, subdir: str = "checkpoints"):
         self.checkpoint = checkpoint
         self.chief = chief
-        self.main_dir = checkpoint_dir(model_dir)
+        self.main_dir = os.path.join(model_dir, subdir)
         self.directory = self.main_dir if chief else os.path.join(
-            model_dir, f".worker{task_id}_tmp_checkpoints")
+            model_dir, f".worker{task_id}_tmp_{subdir}")
         self.keep = keep
         self.manager = tf.train.CheckpointManager(checkpoint, self.directory, max_to_keep=keep)
 

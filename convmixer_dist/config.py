@@ -87,6 +87,8 @@ class Config:
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     augment_on_device: bool = False
+    validation_fraction: float = 0.0
+    early_stopping_patience: int = 0
     # Optimization.
     global_batch_size: int = 128
     epochs: int = 1
@@ -94,6 +96,7 @@ class Config:
     steps_per_loop: int = 10
     learning_rate: float = 0.01
     weight_decay: float = 0.01
+    adam_epsilon: float = 1e-8
     lr_schedule: str = "onecycle"
     warmup_steps: int = 0
     label_smoothing: float = 0.0
@@ -105,6 +108,10 @@ class Config:
     checkpoint_every_steps: int = 1000
     keep_checkpoints: int = 3
     log_every_steps: int = 0
+    profile_steps: str = ""
+    profiler_port: int = 0
+    profile_host_tracer_level: int = 2
+    profile_python_tracer_level: int = 0
     seed: int = 0
     # Reliability.
     deterministic: bool = False

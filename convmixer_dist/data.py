@@ -235,16 +235,27 @@ def make_augmenter(config: Config, pipeline: int = 0) -> BatchAugmenter | None:
                           fill_mean=NORMALIZATION[config.dataset][0])
 
 
+def validation_split(config: Config, train_size: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(train ids, validation ids) of the training split for --validation_fraction (seeded), or None."""
+    if not config.validation_fraction:
+        return None
+    order = np.random.default_rng(config.seed + 12345).permutation(train_size)
+    held_out = max(1, int(round(train_size * config.validation_fraction)))
+    return np.sort(order[held_out:]), np.sort(order[:held_out])
+
+
 def make_dataset_fn(config: Config, derived: Derived, split: str, arrays=None,
-                    start_step: int = 0) -> Callable:
+                    start_step: int = 0, ids: np.ndarray | None = None) -> Callable:
     """The per-input-pipeline dataset builder for `strategy.distribute_datasets_from_function`.
 
-    Training data starts at global step `start_step` (resume) and is identical, batch for batch, to
-    what an uninterrupted run reads at that step.
+    `split` is "train", "eval" (the test split) or "val" (held-out training examples `ids`; for
+    "train", `ids` restricts training to those examples). Training data starts at global step
+    `start_step` (resume) and is identical, batch for batch, to what an uninterrupted run reads there.
     """
     mean, std = NORMALIZATION[config.dataset]
     batch = derived.per_replica_batch_size
-    example = _example_fn(config, split, arrays)
+    example = _example_fn(config, "eval" if split == "eval" else "train", arrays)
+    id_table = None if ids is None else tf.constant(ids, tf.int64)
 
     def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
         pipeline, pipelines = ctx.input_pipeline_id, ctx.num_input_pipelines
@@ -260,7 +271,7 @@ def make_dataset_fn(config: Config, derived: Derived, split: str, arrays=None,
             aug_seed = tf.constant(config.seed * 7919, tf.int64)
 
             def load(position, index):
-                image, label = example(index)
+                image, label = example(index if id_table is None else tf.gather(id_table, index))
                 if config.augment == "basic":
                     image = basic_augment(image, tf.stack([aug_seed, position]), config.image_size)
                 return image, label
@@ -275,7 +286,10 @@ def make_dataset_fn(config: Config, derived: Derived, split: str, arrays=None,
                 first = start_step * (ctx.num_replicas_in_sync // pipelines)
                 ds = augmenter.map_dataset(ds, start_step=first)
         else:
-            ds = tf.data.Dataset.range(pipeline, derived.eval_size, pipelines)
+            if id_table is None:
+                ds = tf.data.Dataset.range(pipeline, derived.eval_size, pipelines)
+            else:
+                ds = tf.data.Dataset.from_tensor_slices(id_table).shard(pipelines, pipeline)
             # Keep the partial batch: every example is evaluated exactly once.
             ds = ds.map(example, num_parallel_calls=AUTOTUNE).batch(batch)
         ds = ds.map(lambda x, y: (normalize(x, mean, std), y), num_parallel_calls=AUTOTUNE)
@@ -285,16 +299,18 @@ def make_dataset_fn(config: Config, derived: Derived, split: str, arrays=None,
 
 
 def train_dataset(strategy: tf.distribute.Strategy, config: Config, derived: Derived, arrays=None,
-                  start_step: int = 0):
+                  start_step: int = 0, ids: np.ndarray | None = None):
     """The distributed training dataset, starting at global step `start_step`."""
     return strategy.distribute_datasets_from_function(
-        make_dataset_fn(config, derived, "train", arrays, start_step), _INPUT_OPTIONS)
+        make_dataset_fn(config, derived, "train", arrays, start_step, ids), _INPUT_OPTIONS)
 
 
-def eval_dataset(strategy: tf.distribute.Strategy, config: Config, derived: Derived, arrays=None):
-    """The distributed evaluation dataset (every example once, no augmentation)."""
+def eval_dataset(strategy: tf.distribute.Strategy, config: Config, derived: Derived, arrays=None,
+                 split: str = "eval", ids: np.ndarray | None = None):
+    """A distributed evaluation dataset (every example once, no augmentation): the test split, or
+    with split="val" the held-out training examples `ids`."""
     return strategy.distribute_datasets_from_function(
-        make_dataset_fn(config, derived, "eval", arrays), _INPUT_OPTIONS)
+        make_dataset_fn(config, derived, split, arrays, ids=ids), _INPUT_OPTIONS)
 
 
 _INPUT_OPTIONS = tf.distribute.InputOptions(experimental_fetch_to_device=True)

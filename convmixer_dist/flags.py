@@ -13,6 +13,7 @@ from absl import flags
 from convmixer_dist import config as cfg
 from convmixer_dist.errors import UsageError
 from convmixer_dist.presets import ACTIVATIONS, PRESETS
+from convmixer_dist.profiling import parse_profile_steps
 
 FLAGS = flags.FLAGS
 
@@ -58,6 +59,10 @@ flags.DEFINE_float("erase_prob", 0.0, "Random erasing probability per image (ref
 flags.DEFINE_float("mixup_alpha", 0.0, "MixUp Beta(alpha, alpha); 0 = off. Soft-label loss.")
 flags.DEFINE_float("cutmix_alpha", 0.0, "CutMix Beta(alpha, alpha) in (0, 1]; 0 = off. With MixUp, "
                    "one of the two per batch (probability 0.5).")
+flags.DEFINE_float("validation_fraction", 0.0, "Hold out this fraction of the training split (seeded) "
+                   "as a validation set evaluated each epoch; the test split is evaluated at the end.")
+flags.DEFINE_integer("early_stopping_patience", 0, "Stop after this many epochs without a lower "
+                     "validation loss and restore the best weights; 0 = off. Needs --validation_fraction.")
 flags.DEFINE_boolean("augment_on_device", False, "Run the heavy augmentations (crop_scale, RandAugment, "
                      "jitter, erasing, MixUp/CutMix) batched inside the training step on the "
                      "accelerator instead of in tf.data on the host CPU.")
@@ -68,6 +73,8 @@ flags.DEFINE_integer("train_steps", 0, "Total training steps; wins over --epochs
 flags.DEFINE_integer("steps_per_loop", 10, "Steps per tf.function call (host round trips amortised).")
 flags.DEFINE_float("learning_rate", 0.01, "Peak learning rate (AdamW).")
 flags.DEFINE_float("weight_decay", 0.01, "AdamW decoupled weight decay.")
+flags.DEFINE_float("adam_epsilon", 1e-8, "AdamW epsilon (PyTorch's default 1e-8; the paper's ImageNet "
+                   "runs use 1e-3).")
 flags.DEFINE_enum("lr_schedule", "onecycle", cfg.LR_SCHEDULES, "onecycle = reference CIFAR schedule "
                   "(0 -> max at 2/5 -> max/20 at 4/5 -> 0, per step).")
 flags.DEFINE_integer("warmup_steps", 0, "Linear warm-up steps for cosine/constant schedules.")
@@ -83,6 +90,12 @@ flags.DEFINE_string("model_dir", "runs/default", "Checkpoints, TensorBoard event
 flags.DEFINE_integer("checkpoint_every_steps", 1000, "Checkpoint period in steps (also at the end).")
 flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
 flags.DEFINE_integer("log_every_steps", 0, "Progress line period in steps; 0 = about 10 per epoch.")
+flags.DEFINE_string("profile_steps", "", "START,END: capture a TensorBoard profile of these steps "
+                    "into MODEL_DIR (chief only); empty = off.")
+flags.DEFINE_integer("profiler_port", 0, "Start the profiler server on this port for on-demand capture "
+                     "(TensorBoard's Capture profile: grpc://HOST:PORT); 0 = off.")
+flags.DEFINE_integer("profile_host_tracer_level", 2, "Host (CPU) tracer level 1-3 of --profile_steps.")
+flags.DEFINE_integer("profile_python_tracer_level", 0, "Python tracer level 0-1 of --profile_steps.")
 flags.DEFINE_integer("seed", 0, "Seed of initialisation, shuffling and augmentation.")
 # Reliability.
 flags.DEFINE_boolean("deterministic", False, "Deterministic ops (tf.config.experimental."
@@ -122,6 +135,19 @@ def validate(c: cfg.Config) -> None:
         _positive("epochs", c.epochs)
     for name in ("dropout_rate", "label_smoothing"):
         _fraction(name, getattr(c, name))
+    _fraction("validation_fraction", c.validation_fraction)
+    _positive("adam_epsilon", c.adam_epsilon)
+    _positive("early_stopping_patience", c.early_stopping_patience, allow_zero=True)
+    if c.early_stopping_patience and not c.validation_fraction:
+        raise UsageError("--early_stopping_patience needs --validation_fraction > 0 (the test split is "
+                         "never used for model selection)")
+    parse_profile_steps(c.profile_steps)
+    if not 0 <= c.profiler_port <= 65535:
+        raise UsageError(f"--profiler_port={c.profiler_port}: expected a TCP port (0 = off)")
+    if not 1 <= c.profile_host_tracer_level <= 3:
+        raise UsageError(f"--profile_host_tracer_level={c.profile_host_tracer_level}: expected 1, 2 or 3")
+    if c.profile_python_tracer_level not in (0, 1):
+        raise UsageError(f"--profile_python_tracer_level={c.profile_python_tracer_level}: expected 0 or 1")
     if not 0.0 < c.nan_lr_factor < 1.0:
         raise UsageError(f"--nan_lr_factor={c.nan_lr_factor}: expected a value in (0, 1)")
     if c.num_classes < 2:
@@ -194,10 +220,15 @@ def config_from_flags() -> cfg.Config:
         augment_on_device=FLAGS.augment_on_device,
         global_batch_size=FLAGS.global_batch_size, epochs=FLAGS.epochs, train_steps=FLAGS.train_steps,
         steps_per_loop=FLAGS.steps_per_loop, learning_rate=FLAGS.learning_rate,
-        weight_decay=FLAGS.weight_decay, lr_schedule=FLAGS.lr_schedule, warmup_steps=FLAGS.warmup_steps,
+        weight_decay=FLAGS.weight_decay, adam_epsilon=FLAGS.adam_epsilon,
+        validation_fraction=FLAGS.validation_fraction,
+        early_stopping_patience=FLAGS.early_stopping_patience, lr_schedule=FLAGS.lr_schedule, warmup_steps=FLAGS.warmup_steps,
         label_smoothing=FLAGS.label_smoothing, clip_norm=FLAGS.clip_norm, precision=FLAGS.precision,
         xla=FLAGS.xla, model_dir=FLAGS.model_dir, checkpoint_every_steps=FLAGS.checkpoint_every_steps,
         keep_checkpoints=FLAGS.keep_checkpoints, log_every_steps=FLAGS.log_every_steps, seed=FLAGS.seed,
+        profile_steps=FLAGS.profile_steps, profiler_port=FLAGS.profiler_port,
+        profile_host_tracer_level=FLAGS.profile_host_tracer_level,
+        profile_python_tracer_level=FLAGS.profile_python_tracer_level,
         deterministic=FLAGS.deterministic, nan_policy=FLAGS.nan_policy,
         nan_max_rollbacks=FLAGS.nan_max_rollbacks, nan_lr_factor=FLAGS.nan_lr_factor,
         overwrite=FLAGS.overwrite, fault_inject_nan_at_step=FLAGS.fault_inject_nan_at_step)

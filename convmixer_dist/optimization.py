@@ -20,14 +20,14 @@ from convmixer_dist.schedule import create_schedule
 
 def create_optimizer(config: Config, total_steps: int, policy: str, lr_scale=None
                      ) -> keras.optimizers.Optimizer:
-    """AdamW with the configured schedule (PyTorch's eps 1e-8, as the reference); loss-scaled for fp16.
+    """AdamW with the configured schedule and epsilon (PyTorch's 1e-8 by default); loss-scaled for fp16.
 
     `lr_scale` (a variable) multiplies the schedule; NaN rollbacks lower it.
     """
     schedule = create_schedule(config.lr_schedule, config.learning_rate, total_steps,
                                config.warmup_steps, lr_scale)
     inner = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay,
-                                   beta_1=0.9, beta_2=0.999, epsilon=1e-8)
+                                   beta_1=0.9, beta_2=0.999, epsilon=config.adam_epsilon)
     return wrap_optimizer(inner, policy)
 
 

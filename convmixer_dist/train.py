@@ -21,10 +21,11 @@ import tensorflow as tf
 
 from convmixer_dist import data, image_folder, optimization, rundir
 from convmixer_dist.checkpoint import CheckpointSaver
-from convmixer_dist.config import Config, Derived, derive
+from convmixer_dist.config import Config, Derived, dataset_sizes, derive
 from convmixer_dist.model import build_convmixer, count_params
 from convmixer_dist.precision import resolve_precision
 from convmixer_dist.preemption import PreemptionWatcher
+from convmixer_dist.profiling import ProfileWindow, parse_profile_steps, start_profiler_server
 from convmixer_dist.strategy import device_kind, is_chief
 
 SUM = tf.distribute.ReduceOp.SUM
@@ -217,10 +218,17 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
 
     # ---- input pipeline (validated before anything is written)
     arrays = None if config.dataset == "synthetic" else data.load_arrays(config)
-    sizes = (None, None) if arrays is None else (len(arrays["train"][0]), len(arrays["test"][0]))
-    derived = derive(config, strategy.num_replicas_in_sync, *sizes)
+    full_train, eval_size = (dataset_sizes(config) if arrays is None
+                             else (len(arrays["train"][0]), len(arrays["test"][0])))
+    # --validation_fraction: a seeded held-out part of the training split, evaluated each epoch.
+    split_ids = data.validation_split(config, full_train)
+    train_ids, val_ids = split_ids if split_ids else (None, None)
+    derived = derive(config, strategy.num_replicas_in_sync,
+                     full_train if train_ids is None else len(train_ids), eval_size)
     data.augment_spec(config).validate()
     eval_dataset = data.eval_dataset(strategy, config, derived, arrays)
+    val_dataset = (None if val_ids is None
+                   else data.eval_dataset(strategy, config, derived, arrays, split="val", ids=val_ids))
     moved = rundir.prepare_model_dir(config, chief)
     if moved:
         _say(chief, f"--overwrite: moved the previous run to {moved}")
@@ -237,15 +245,21 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         # Sums (loss, correct, count) of the current epoch, so a resumed run reports the same numbers.
         epoch_totals = tf.Variable(tf.zeros(3, tf.float64), trainable=False, name="epoch_totals")
+        # Early stopping state: best validation loss so far and epochs since it improved.
+        best_val_loss = tf.Variable(float("inf"), dtype=tf.float64, trainable=False, name="best_val_loss")
+        epochs_without_gain = tf.Variable(0, dtype=tf.int64, trainable=False, name="epochs_without_gain")
         # Dropout's random-number state is not part of a Keras model's TF checkpoint; saving it is
         # what lets a resumed run draw the same dropout masks as an uninterrupted one.
         rng = tf.train.Checkpoint(**{f"state{i}": v.value for i, v in enumerate(model.variables)
                                      if "seed_generator" in v.path})
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var,
-                                         lr_scale=lr_scale, epoch_totals=epoch_totals, rng=rng)
+                                         lr_scale=lr_scale, epoch_totals=epoch_totals, rng=rng,
+                                         best_val_loss=best_val_loss,
+                                         epochs_without_gain=epochs_without_gain)
     resolver = getattr(strategy, "cluster_resolver", None)
     task_id = int(getattr(resolver, "task_id", 0) or 0)
     saver = CheckpointSaver(checkpoint, config.model_dir, chief, task_id, config.keep_checkpoints)
+    best_saver = CheckpointSaver(checkpoint, config.model_dir, chief, task_id, 1, subdir="best_checkpoint")
     restored = saver.restore_latest()
     if restored:
         _say(chief, f"Resumed from {restored} at step {int(step_var.numpy())}/{derived.total_steps}")
@@ -261,8 +275,10 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
     if chief:
         train_writer = tf.summary.create_file_writer(os.path.join(config.model_dir, "train"))
         eval_writer = tf.summary.create_file_writer(os.path.join(config.model_dir, "eval"))
+        val_writer = (tf.summary.create_file_writer(os.path.join(config.model_dir, "validation"))
+                      if val_dataset is not None else tf.summary.create_noop_writer())
     else:
-        train_writer = eval_writer = tf.summary.create_noop_writer()
+        train_writer = eval_writer = val_writer = tf.summary.create_noop_writer()
     _say(chief, f"ConvMixer-{config.hidden_dim}/{config.depth} k{config.kernel_size} "
                 f"p{config.patch_size}, {count_params(model):,} parameters; strategy={config.strategy} "
                 f"replicas={derived.num_replicas} precision={policy} xla={'on' if xla else 'off'}; "
@@ -292,16 +308,25 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
             if scale is not None:
                 tf.summary.scalar("loss_scale", scale)
 
-    def run_eval(step, epoch) -> dict:
+    def run_eval(step, epoch, validation: bool = False) -> dict:
         sync_bn_statistics()
-        metrics = evaluate(eval_step, eval_dataset)
-        _say(chief, f"epoch {epoch + 1}/{derived.epochs} eval loss {metrics['loss']:.4f} "
-                    f"acc {metrics['accuracy']:.4f} top5 {metrics['top5_accuracy']:.4f} "
-                    f"({metrics['examples']} examples)")
-        with eval_writer.as_default(step=step):
+        metrics = evaluate(eval_step, val_dataset if validation else eval_dataset)
+        _say(chief, f"epoch {epoch + 1}/{derived.epochs} {'validation' if validation else 'eval'} "
+                    f"loss {metrics['loss']:.4f} acc {metrics['accuracy']:.4f} "
+                    f"top5 {metrics['top5_accuracy']:.4f} ({metrics['examples']} examples)")
+        with (val_writer if validation else eval_writer).as_default(step=step):
             for key in ("loss", "accuracy", "top5_accuracy"):
                 tf.summary.scalar(key, metrics[key])
         return metrics
+
+    # ---- profiling (chief only)
+    profile = ProfileWindow(config.model_dir, parse_profile_steps(config.profile_steps),
+                            config.profile_host_tracer_level, config.profile_python_tracer_level,
+                            enabled=chief)
+    if config.profiler_port and chief:
+        start_profiler_server(config.profiler_port)
+        _say(chief, f"profiler server on port {config.profiler_port}: capture from TensorBoard's "
+                    f"Profile tab with grpc://HOSTNAME:{config.profiler_port}")
 
     # ---- loop
     log_every = _log_period(config, derived)
@@ -325,12 +350,15 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
             while step < epoch_end:
                 boundaries = [epoch_end, (step // log_every + 1) * log_every,
                               (step // config.checkpoint_every_steps + 1) * config.checkpoint_every_steps]
-                n = min([step + config.steps_per_loop] + boundaries) - step
+                if profile.enabled:  # One step per call inside the window: one marker per step.
+                    boundaries += [profile.steps[0], step + 1 if profile.inside(step) else profile.steps[1]]
+                n = min([b for b in [step + config.steps_per_loop] + boundaries if b > step]) - step
                 lr = float(optimization.current_learning_rate(optimizer))
                 started = time.time()
-                totals = np.array([float(t) for t in train_loop(
-                    iterator, tf.constant(n, tf.int32), tf.constant(step, tf.int64),
-                    tf.constant(nan_at_step, tf.int64))])
+                with profile.step(step, n):
+                    totals = np.array([float(t) for t in train_loop(
+                        iterator, tf.constant(n, tf.int32), tf.constant(step, tf.int64),
+                        tf.constant(nan_at_step, tf.int64))])
                 seconds = time.time() - started
                 if step < nan_at_step <= step + n:
                     nan_at_step = 0  # The injected fault fires once per process.
@@ -358,9 +386,24 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
                 # never skips an evaluation.
                 if step % config.checkpoint_every_steps == 0 and step < epoch_end:
                     save(step)
-            metrics = run_eval(step, epoch)
-            if step % config.checkpoint_every_steps == 0 or step == derived.total_steps:
+            metrics = run_eval(step, epoch, validation=val_dataset is not None)
+            stop_early = False
+            if val_dataset is not None:
+                if metrics["loss"] < float(best_val_loss.numpy()):
+                    best_val_loss.assign(metrics["loss"])
+                    epochs_without_gain.assign(0)
+                    sync_bn_statistics()
+                    best_saver.save(step)
+                else:
+                    epochs_without_gain.assign_add(1)
+                patience = config.early_stopping_patience
+                stop_early = bool(patience) and int(epochs_without_gain.numpy()) >= patience
+            if stop_early or step % config.checkpoint_every_steps == 0 or step == derived.total_steps:
                 save(step)
+            if stop_early:
+                _say(chief, f"early stopping at step {step}: no lower validation loss for "
+                            f"{config.early_stopping_patience} epochs")
+                return metrics
         return metrics
 
     # A corrupt image surfaces as a decode error mid-run; name the file in one line.
@@ -381,10 +424,20 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
                 _say(chief, f"warning: {err}; rolled back to {path} (step {int(step_var.numpy())}) "
                             f"with learning rate x{float(lr_scale.numpy()):g} "
                             f"(rollback {rollbacks}/{config.nan_max_rollbacks})")
+    profile.close()
     step = int(step_var.numpy())
-    if not eval_metrics:  # Resumed a finished run: evaluate the restored weights.
+    stopped_early = step < derived.total_steps
+    validation = {}
+    if val_dataset is not None:
+        # Model selection on validation only: restore the best weights, then report the test split.
+        best = best_saver.restore_latest()
+        validation = {"best_checkpoint": best, "best_validation_loss": float(best_val_loss.numpy()),
+                      "best_step": int(step_var.numpy()), "stopped_early": stopped_early}
+        _say(chief, f"restored the best validation weights from {best}")
+        eval_metrics = run_eval(step, derived.epochs - 1)
+    elif not eval_metrics:  # Resumed a finished run: evaluate the restored weights.
         eval_metrics = evaluate(eval_step, eval_dataset)
-    for writer in (train_writer, eval_writer):
+    for writer in (train_writer, eval_writer, val_writer):
         writer.flush()
 
     totals = epoch_totals.numpy()
@@ -401,5 +454,6 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
         "strategy": config.strategy, "model": config.model, "parameters": count_params(model),
         "global_batch_size": config.global_batch_size, "resumed_from": restored,
         "nan_rollbacks": rollbacks, "learning_rate_scale": float(lr_scale.numpy()),
+        **validation,
         **weights_fingerprint(model),
     }

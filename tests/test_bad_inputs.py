@@ -60,6 +60,10 @@ CASES = {
         tf_config(json.dumps({"cluster": {"worker": ["localhost:2222"]},
                               "task": {"type": "worker", "index": 0}})), "at least 2"),
     "unwritable model_dir": (model_dir_under_a_file, "--model_dir"),
+    "early stopping without validation": (lambda tmp: (["--early_stopping_patience=3"], {}),
+                                          "--validation_fraction"),
+    "crop_scale without rrc": (lambda tmp: (["--crop_scale=0.5"], {}), "--crop_scale"),
+    "malformed profile_steps": (lambda tmp: (["--profile_steps=20,10"], {}), "--profile_steps"),
     "missing flagfile": (lambda tmp: (["--flagfile=configs/nope.flags"], {}), "nope.flags"),
 }
 

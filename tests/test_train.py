@@ -119,3 +119,18 @@ def test_batchnorm_moving_statistics_are_averaged_across_replicas(tmp_path):
     after = [v.numpy() for v in strategy.experimental_local_results(weight.value)]
     np.testing.assert_allclose(after[0], (before[0] + before[1]) / 2, rtol=1e-6)
     np.testing.assert_array_equal(after[0], after[1])
+
+
+def test_early_stopping_on_validation_restores_the_best_weights(tmp_path):
+    # Seeded run whose validation loss first rises at epoch 6 (1.1168 -> 1.1203): patience 1 stops there.
+    config = tiny_config(str(tmp_path), train_steps=0, epochs=12, validation_fraction=0.25,
+                         early_stopping_patience=1, learning_rate=0.05, synthetic_train_size=128)
+    summary, out = _train(config)
+    assert summary["stopped_early"] and summary["steps"] < 36
+    assert summary["best_step"] < summary["steps"]
+    assert "early stopping" in out and "validation loss" in out
+    # The reported (test-split) weights are the best checkpoint's, not the last step's.
+    model = train.create_model(config)
+    tf.train.Checkpoint(model=model).read(summary["best_checkpoint"]).expect_partial()
+    assert train.weights_fingerprint(model)["weights_sha256"] == summary["weights_sha256"]
+    assert summary["eval_examples"] == 100  # the test split, untouched by the validation split
