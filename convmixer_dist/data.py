@@ -13,7 +13,7 @@ import glob
 import os
 import pickle
 import tarfile
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf

@@ -12,6 +12,8 @@ MODEL_DIR/confusion_matrix.png.
 """
 from __future__ import annotations
 
+from convmixer_dist import errors
+
 import math
 import os
 import sys
@@ -195,17 +197,8 @@ def main(argv) -> None:
     evaluate_run(config, flags.FLAGS.checkpoint)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl parsing whose errors are one line with exit code 2."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as err:
-        from convmixer_dist.errors import report_and_exit
-
-        report_and_exit(UsageError(str(err)))
-
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     _define_flags()
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=errors.parse_flags)

@@ -9,6 +9,8 @@ every node, TF_CONFIG set per node (launch/local.sh, launch/ssh.sh, launch/slurm
 """
 from __future__ import annotations
 
+from convmixer_dist import errors
+
 import os
 import sys
 
@@ -23,13 +25,6 @@ EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1: checkpoint saved, rerun to resume (EX_TE
 
 flags.adopt_module_key_flags(cli)  # `--help` lists the training flags, not only absl's own.
 
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl parsing whose errors (unknown flag/value, missing flagfile) are one line, exit code 2."""
-    try:
-        return cli.FLAGS(argv)
-    except flags.Error as err:
-        report_and_exit(UsageError(str(err)))
 
 
 def run(argv: list[str]) -> dict:
@@ -72,4 +67,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=errors.parse_flags)

@@ -8,6 +8,8 @@ Needs only TensorFlow, not the training code.
 """
 from __future__ import annotations
 
+from convmixer_dist import errors
+
 import json
 import os
 import sys
@@ -104,17 +106,8 @@ def main(argv) -> None:
     print_predictions(paths, predict_files(model, paths, top_k))
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl parsing whose errors are one line with exit code 2."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as err:
-        from convmixer_dist.errors import report_and_exit
-
-        report_and_exit(UsageError(str(err)))
-
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     _define_flags()
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=errors.parse_flags)
