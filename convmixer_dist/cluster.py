@@ -44,8 +44,13 @@ def slurm_resolver(env: Mapping[str, str], port_base: int = 8888):
 
     gpus = slurm_gpus_per_node(env)
     if gpus == 0:
-        # The resolver cannot express "no GPUs" (it divides by GPUs per task); claim one and leave
-        # CUDA_VISIBLE_DEVICES alone, so TensorFlow finds only the CPU.
-        return tf.distribute.cluster_resolver.SlurmClusterResolver(
-            port_base=port_base, gpus_per_node=1, gpus_per_task=1, auto_set_gpu=False)
+        # SlurmClusterResolver cannot describe CPU-only nodes (it divides GPUs among tasks, and a
+        # claimed GPU would make the strategy look for one): lay out hosts and ports with one fake
+        # GPU slot per task, then hand the strategy the same cluster with no accelerators.
+        probe = tf.distribute.cluster_resolver.SlurmClusterResolver(
+            port_base=port_base, gpus_per_node=int(env.get("SLURM_STEP_NUM_TASKS", "1")),
+            gpus_per_task=1, auto_set_gpu=False)
+        return tf.distribute.cluster_resolver.SimpleClusterResolver(
+            probe.cluster_spec(), task_type=probe.task_type, task_id=probe.task_id, rpc_layer="grpc",
+            num_accelerators={})
     return tf.distribute.cluster_resolver.SlurmClusterResolver(port_base=port_base, gpus_per_node=gpus)
