@@ -1,0 +1,95 @@
+"""Model FLOPs (computed from the model, checked against a closed form) and device peak FLOP/s for MFU.
+
+Convention (the one MFU figures use): a multiply-add counts as 2 FLOPs, and only the convolutions
+and the dense head count; bias adds, BatchNorm, activations and pooling are elementwise work that is
+bound by memory bandwidth, not by the arithmetic units, and is left out. A training step costs 3x the
+forward pass (forward, gradient w.r.t. activations, gradient w.r.t. weights).
+
+`model_flops(model)` walks the built Keras model's layers and their shapes; `convmixer_flops(...)` is
+the closed form from the paper's architecture. TensorFlow's own per-op FLOP statistics
+(`graph_flops`) agree with both (tests/test_flops.py).
+"""
+from __future__ import annotations
+
+import collections
+import re
+
+# Dense peak throughput per GPU in TFLOP/s (vendor datasheets, no sparsity). float32 on Ampere and
+# newer is TF32 on the tensor cores, which TensorFlow enables by default for matmuls and convolutions.
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H100": {"float32": 494.7, "mixed_bfloat16": 989.4, "mixed_float16": 989.4},  # SXM
+    "A100": {"float32": 156.0, "mixed_bfloat16": 312.0, "mixed_float16": 312.0},
+    "L4": {"float32": 60.0, "mixed_bfloat16": 121.0, "mixed_float16": 121.0},
+    "A10": {"float32": 62.5, "mixed_bfloat16": 125.0, "mixed_float16": 125.0},
+    "V100": {"float32": 15.7, "mixed_bfloat16": 0.0, "mixed_float16": 125.0},  # no bf16 units
+    "T4": {"float32": 8.1, "mixed_bfloat16": 0.0, "mixed_float16": 65.0},
+}
+TRAINING_MULTIPLIER = 3
+
+
+def convmixer_flops(hidden_dim: int, depth: int, kernel_size: int, patch_size: int, image_size: int,
+                    num_classes: int, channels: int = 3) -> int:
+    """Forward FLOPs per image of a ConvMixer, closed form.
+
+    patch embedding: 2·n²·p²·c·h; per block: depthwise 2·n²·h·k² + pointwise 2·n²·h²; head 2·h·classes,
+    with n = image_size // patch_size the side of the feature map ('valid' stem with stride p).
+    """
+    n = image_size // patch_size
+    stem = 2 * n * n * patch_size * patch_size * channels * hidden_dim
+    block = 2 * n * n * hidden_dim * kernel_size * kernel_size + 2 * n * n * hidden_dim * hidden_dim
+    return stem + depth * block + 2 * hidden_dim * num_classes
+
+
+def layer_flops(model) -> dict[str, int]:
+    """Forward FLOPs per image of each Conv2D / DepthwiseConv2D / Dense layer, by layer name."""
+    import keras
+
+    result = {}
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            kh, kw, _, multiplier = layer.kernel.shape
+            _, h, w, c_out = layer.output.shape
+            result[layer.name] = 2 * h * w * c_out * kh * kw
+        elif isinstance(layer, keras.layers.Conv2D):
+            kh, kw, c_in, c_out = layer.kernel.shape
+            _, h, w, _ = layer.output.shape
+            result[layer.name] = 2 * h * w * c_out * kh * kw * c_in
+        elif isinstance(layer, keras.layers.Dense):
+            c_in, c_out = layer.kernel.shape
+            result[layer.name] = 2 * c_in * c_out
+    return result
+
+
+def model_flops(model) -> int:
+    """Forward FLOPs per image of `model` (see the module docstring for what counts)."""
+    return sum(layer_flops(model).values())
+
+
+def graph_flops(model, image_size: int, channels: int = 3) -> dict[str, int]:
+    """TensorFlow's own FLOP statistics of the inference graph (batch 1), summed per op type.
+
+    An independent count: TF registers FLOP formulas per op type (used by its profiler); the conv
+    and matmul entries must equal `model_flops`, the rest are the elementwise ops it leaves out.
+    """
+    import tensorflow as tf
+    from tensorflow.python.framework import ops
+
+    spec = tf.TensorSpec([1, image_size, image_size, channels], tf.float32)
+    graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec).graph
+    totals: collections.Counter = collections.Counter()
+    for op in graph.get_operations():
+        try:
+            value = ops.get_stats_for_node_def(graph, op.node_def, "flops").value
+        except (ValueError, TypeError):  # No FLOP formula registered, or unknown shapes.
+            continue
+        if value:
+            totals[op.type] += int(value)
+    return dict(totals)
+
+
+def peak_tflops(device_name: str, policy: str) -> float | None:
+    """Datasheet peak TFLOP/s of a GPU named like "NVIDIA A100-SXM4-80GB" for a precision policy."""
+    for key, peaks in PEAK_TFLOPS.items():
+        if re.search(rf"\b{key}\b", device_name.upper()):  # "A10" must not match "A100", "L4" not "L40S"
+            return peaks.get(policy) or None
+    return None

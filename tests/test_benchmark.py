@@ -1,0 +1,54 @@
+"""The benchmark command end to end on a tiny model, and its pure helpers."""
+import json
+
+import pytest
+
+from convmixer_dist import benchmark, flops
+from helpers import run_cli
+
+TINY = ["--hidden_dim=16", "--depth=2", "--kernel_size=3", "--patch_size=2", "--image_size=8",
+        "--num_classes=4", "--global_batch_size=16", "--steps_per_loop=2", "--window_steps=4",
+        "--windows=3", "--synthetic_train_size=256"]
+
+
+def test_median_rate_and_throughput_fields():
+    rate = benchmark.median_rate([2.0, 1.0, 4.0], images_per_window=100)
+    assert rate["images_per_sec"] == 50.0 and rate["images_per_sec_min"] == 25.0
+    fields = benchmark.throughput_fields(rate, global_batch=10, train_flops=2e10, peak=4.0)
+    assert fields["step_time_ms"] == pytest.approx(200.0)
+    assert fields["achieved_tflops"] == pytest.approx(1.0) and fields["mfu"] == pytest.approx(0.25)
+    assert benchmark.throughput_fields(rate, 10, 2e10, None)["mfu"] is None
+
+
+def test_benchmark_all_runs_on_two_replicas_write_valid_json(tmp_path):
+    out = tmp_path / "bench" / "result.json"
+    proc = run_cli("convmixer_dist.benchmark", *TINY, "--strategy=mirrored", "--cpu_replicas=2",
+                   "--measure=all", "--compare_fit", "--peak_tflops=0.5", f"--output={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["setup"]["replicas"] == 2 and result["setup"]["precision"] == "float32"
+    assert result["flops_per_image_forward"] == flops.convmixer_flops(16, 2, 3, 2, 8, 4)
+    assert result["flops_per_image_train"] == 3 * result["flops_per_image_forward"]
+    runs = result["runs"]
+    assert set(runs) == {"custom_input_excluded", "custom_input_included", "fit_input_excluded"}
+    for run in runs.values():
+        assert len(run["window_images_per_sec"]) == 3 and run["images_per_sec"] > 0
+        assert run["mfu"] == pytest.approx(run["achieved_tflops"] / 0.5)
+        assert run["achieved_tflops"] == pytest.approx(
+            run["images_per_sec"] * result["flops_per_image_train"] / 1e12)
+    assert result["custom_over_fit"] == pytest.approx(
+        runs["custom_input_excluded"]["images_per_sec"] / runs["fit_input_excluded"]["images_per_sec"])
+    assert result["input_pipeline"]["images_per_sec_per_core"] > 0
+    assert "custom loop / model.fit:" in proc.stdout and f"Saved {out}" in proc.stdout
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--window_steps=3"], "--window_steps"),
+    (["--pipeline=excluded,bogus"], "--pipeline"),
+    (["--compare_fit", "--augment_on_device", "--augment=rrc"], "--compare_fit"),
+])
+def test_bad_benchmark_flags_are_one_line_errors(tmp_path, args, flag):
+    proc = run_cli("convmixer_dist.benchmark", *TINY, *args, f"--output={tmp_path}/r.json")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and flag in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "r.json").exists()

@@ -1,0 +1,111 @@
+"""profile_report reads a real captured profile through xprof: kinds partition the op time, the
+ConvMixer convolutions are found, the files are written, and the CLI fails in one line on no profile."""
+import contextlib
+import io
+import json
+import os
+
+import pytest
+
+from convmixer_dist import profile_report, strategy as strategy_lib, train
+from convmixer_dist.errors import UsageError
+from convmixer_dist.profile_report import OpRow, UNLISTED, classify
+from helpers import run_cli, tiny_config
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """A training run whose steps 3..5 were profiled (captured once for the whole file)."""
+    directory = str(tmp_path_factory.mktemp("profiled"))
+    config = tiny_config(directory, train_steps=9, steps_per_loop=3, profile_steps="3,6")
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.train_and_evaluate(config, strategy_lib.create_strategy(config))
+    return directory
+
+
+def test_classify_by_layer_path_scope_and_type():
+    loop = "while/body/_1/while/convmixer_1"
+    grad = "while/body/_1/gradient_tape/while/replica_1/convmixer_1"
+    cases = {
+        (f"{grad}/block01_depthwise_conv_1/depthwise/DepthwiseConv2dNativeBackpropFilter",
+         "_MklNativeDepthwiseConv2dNativeBackpropFilter"): "depthwise_conv",
+        (f"{loop}/block00_pointwise_conv_1/BiasAdd", "_MklNativeFusedConv2D"): "pointwise_conv",
+        (f"{loop}/stem_conv_1/BiasAdd", "_MklNativeFusedConv2D"): "stem_conv",
+        (f"{grad}/block12_pointwise_bn_1/moments/mul_1", "Mul"): "batch_norm",
+        (f"{loop}/stem_act_1/Gelu/Erfc", "Erfc"): "activation",
+        (f"{grad}/head_pool_1/Tile", "Tile"): "head",
+        (f"{loop}/head_dense_1/BiasAdd", "_MklNativeFusedMatMul"): "head",
+        (f"{loop}/block01_residual_1/ArithmeticOptimizer/AddOpsRewrite_Leaf_1_Add", "AddN"): "other",
+        ("while/body/_1/while/AddN_15", "AddN"): "other",  # a gradient sum: no layer in its name
+        ("while/body/_1/while/adam_w/AssignSubVariableOp_12", "AssignSubVariableOp"): "optimizer",
+        ("while/body/_1/while/adam_w/AddN_20", "AddN"): "all_reduce",
+        (f"{grad}/stem_conv_1/BiasAdd/BiasAddGrad/_109", "_Send"): "all_reduce",
+        ("while/body/_1/while/CollectiveReduceV2_3", "CollectiveReduceV2"): "all_reduce",
+        ("NcclAllReduce", "NcclAllReduce"): "all_reduce",
+        ("while/body/_1/while/IteratorGetNext", "IteratorGetNext"): "input",
+        ("Iterator::Root::Prefetch::ParallelMapV2", "Dataset"): "input",
+        ("resize/ResizeBilinear", "ResizeBilinear"): "input",  # a tf.data map function's op
+        ("while/body/_1/fused/DepthwiseConv2dNative", "DepthwiseConv2dNative"): "depthwise_conv",
+        ("while/body/_1/while/softmax_cross_entropy_with_logits", "SoftmaxCrossEntropyWithLogits"): "other",
+        (UNLISTED, UNLISTED): "other",
+    }
+    assert {key: classify(*key) for key in cases} == cases
+
+
+def test_summarise_uses_device_ops_when_present_and_partitions_their_time():
+    rows = [OpRow("a/block00_depthwise_conv_1/x", "DepthwiseConv2dNative", "device", 4, 6.0),
+            OpRow("a/block00_pointwise_conv_1/x", "Conv2D", "device", 4, 3.0),
+            OpRow(UNLISTED, UNLISTED, "device", 0, 1.0),
+            OpRow("a/block00_pointwise_conv_1/x", "Conv2D", "host", 4, 50.0)]
+    report = profile_report.summarise(rows, top=5, step_times_ms=[2.0, 4.0])
+    assert report["device"] == "device" and report["total_self_time_ms"] == pytest.approx(10.0)
+    assert report["shares"]["depthwise_conv"] == pytest.approx(60.0)
+    assert report["shares"]["other"] == pytest.approx(10.0)
+    assert [op["self_ms"] for op in report["top_ops"]] == [6.0, 3.0]  # the unlisted rest is no op
+    assert report["steps"] == 2 and report["step_time_ms"] == pytest.approx(3.0)
+    assert report["blocks"]["block00"]["ms"] == pytest.approx(9.0)
+    assert profile_report.summarise(rows, top=5, side="host")["total_self_time_ms"] == pytest.approx(50.0)
+    with pytest.raises(UsageError, match="--side=device"):
+        profile_report.summarise([rows[-1]], top=5, side="device")
+    assert report["warnings"] == []
+    only_input = [OpRow("Iterator::Root::Prefetch", "Dataset", "host", 4, 5.0)]  # --xla=on on CPU
+    assert "XLA" in profile_report.summarise(only_input, top=5)["warnings"][0]
+
+
+def test_report_of_a_captured_training_window(model_dir):
+    paths = profile_report.find_profile(model_dir)
+    report = profile_report.build_report(paths, top=60)
+    assert report["device"] == "host"  # CPU only
+    assert report["steps"] == 3 and report["step_time_ms"] > 0  # the window 3,6: one marker per step
+    for kind in ("depthwise_conv", "pointwise_conv"):
+        ops = [op for op in report["top_ops"] if op["kind"] == kind]
+        assert ops and all(kind in op["name"] and op["self_ms"] > 0 for op in ops)
+        assert report["shares"][kind] > 0
+    assert any("gradient_tape/" in op["name"] for op in report["top_ops"])  # backward ops counted
+    assert sum(report["shares"].values()) == pytest.approx(100, abs=0.5)
+    assert sum(report["kinds_ms"].values()) == pytest.approx(report["total_self_time_ms"], rel=1e-6)
+    assert set(report["blocks"]) == {"block00", "block01"} and report["warnings"] == []
+
+    json_path, md_path = profile_report.write_report(report)
+    assert os.path.dirname(json_path) == os.path.dirname(paths[0])
+    with open(json_path) as f:
+        saved = json.load(f)
+    assert saved["shares"] == pytest.approx(report["shares"]) and saved["profile"] == report["profile"]
+    with open(md_path) as f:
+        assert "| depthwise_conv |" in f.read()
+
+
+def test_cli_prints_the_report_and_fails_in_one_line_without_a_profile(model_dir, tmp_path):
+    done = run_cli("convmixer_dist.profile_report", model_dir, "--top=5")
+    assert done.returncode == 0, done.stderr
+    assert "| kind | ms | % |" in done.stdout and "## Top 5 ops by self time" in done.stdout
+    assert "3 steps" in done.stdout and "host-side ops" in done.stdout
+    assert "Traceback" not in done.stderr
+
+    empty = run_cli("convmixer_dist.profile_report", str(tmp_path))
+    assert empty.returncode == 2 and empty.stderr.count("\n") == 1, empty.stderr
+    assert empty.stderr.startswith(f"error: MODEL_DIR {tmp_path}: no profile found")
+    assert "capture one with --profile_steps=START,END" in empty.stderr
+    wrong_run = run_cli("convmixer_dist.profile_report", model_dir, "--run=nope")
+    assert wrong_run.returncode == 2 and wrong_run.stderr.count("\n") == 1, wrong_run.stderr
+    assert wrong_run.stderr.startswith("error: --run=nope: not a profile run of")
