@@ -43,6 +43,10 @@ flags.DEFINE_integer("windows", 5, "Timed windows per run; the median is reporte
 flags.DEFINE_integer("window_steps", 10, "Steps per window (a multiple of --steps_per_loop).")
 flags.DEFINE_boolean("compare_fit", False, "Also train the same model with Keras model.fit on the same "
                      "cached batch and report custom/fit throughput.")
+flags.DEFINE_list("variants", [], "Extra input-excluded runs of the custom loop, each with one setting "
+                  "changed, reported as a ratio to the base run (same process, same data), e.g. "
+                  "precision=mixed_bfloat16,precision=mixed_float16,xla=on. Settings: "
+                  "precision, xla, steps_per_loop, sync_bn, augment_on_device.")
 flags.DEFINE_integer("fit_steps_per_execution", 1, "model.fit's steps_per_execution (Keras default 1).")
 flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU; 0 = from the GPU table (none on CPU).")
 flags.DEFINE_string("output", "runs/benchmark.json", "Where to write the JSON result.")
@@ -50,6 +54,32 @@ flags.adopt_module_key_flags(cli)
 
 FLAGS = flags.FLAGS
 PIPELINES = ("excluded", "included")
+# Settings a --variants run may change: they leave the model, the data and the strategy as they are.
+VARIANT_CHOICES = {"precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
+                   "xla": ("auto", "on", "off"), "sync_bn": ("true", "false"),
+                   "augment_on_device": ("true", "false"), "steps_per_loop": None}
+
+
+def parse_variants(items: list[str], config) -> list[tuple[str, object]]:
+    """`["precision=mixed_bfloat16", "xla=on"]` -> [(label, config with that one setting changed)]."""
+    import dataclasses
+
+    variants = []
+    for item in items:
+        name, _, value = item.partition("=")
+        choices = VARIANT_CHOICES.get(name, ())
+        valid = value.isdigit() and int(value) > 0 if choices is None else value in (choices or ())
+        if not valid:
+            expected = ", ".join(f"{k}={'|'.join(v) if v else 'N'}" for k, v in VARIANT_CHOICES.items())
+            raise UsageError(f"--variants: {item!r} is not one of {expected}")
+        if choices is None:
+            typed = int(value)
+        elif choices == ("true", "false"):
+            typed = value == "true"
+        else:
+            typed = value
+        variants.append((item, dataclasses.replace(config, **{name: typed})))
+    return variants
 
 
 def median_rate(seconds: list[float], images_per_window: int) -> dict:
@@ -104,6 +134,22 @@ def _cached_dataset_fn(config, derived, arrays) -> Callable:
 
     real = data.make_dataset_fn(config, derived, "train", arrays)
     return lambda ctx: real(ctx).take(1).cache().repeat()
+
+
+def _build(strategy, config, derived, policy: str):
+    """Model and optimizer (slots built) in the strategy's scope under the precision `policy`."""
+    import keras
+
+    from convmixer_dist import optimization, train
+
+    keras.mixed_precision.set_dtype_policy(policy)
+    keras.utils.set_random_seed(config.seed)
+    with strategy.scope():
+        model = train.create_model(config)
+        optimizer = optimization.create_optimizer(config, derived.total_steps, policy)
+        # Keras 3 creates slots lazily, which fails inside a distributed tf.function: build them now.
+        optimizer.build(model.trainable_variables)
+    return model, optimizer
 
 
 def _custom_runner(strategy, model, optimizer, config, derived, xla: bool, dataset) -> Callable:
@@ -181,6 +227,12 @@ def validate_benchmark_flags(config) -> None:
                          f"--steps_per_loop={config.steps_per_loop}")
     if FLAGS.compare_fit and config.augment_on_device:
         raise UsageError("--compare_fit: model.fit cannot run --augment_on_device; drop one of them")
+    for label, variant in parse_variants(FLAGS.variants, config):
+        if FLAGS.window_steps % variant.steps_per_loop:
+            raise UsageError(f"--variants={label}: --window_steps={FLAGS.window_steps} must be a "
+                             f"multiple of its steps_per_loop")
+    if FLAGS.variants and "excluded" not in FLAGS.pipeline:
+        raise UsageError("--variants are compared with the input-excluded run: add excluded to --pipeline")
     if FLAGS.peak_tflops < 0:
         raise UsageError(f"--peak_tflops={FLAGS.peak_tflops}: expected >= 0")
 
@@ -200,8 +252,6 @@ def run_benchmark(config) -> dict:
     strategy = strategy_lib.create_strategy(config)  # Before any other op (multi_worker needs it).
     kind = strategy_lib.device_kind(strategy)
     policy = resolve_precision(config.precision, kind)
-    keras.mixed_precision.set_dtype_policy(policy)
-    keras.utils.set_random_seed(config.seed)
     xla = train.use_xla(config, kind)
     arrays = None if config.dataset == "synthetic" else data.load_arrays(config)
     sizes = (dataset_sizes(config) if arrays is None
@@ -211,10 +261,7 @@ def run_benchmark(config) -> dict:
 
     device = _device_name(kind)
     peak = FLAGS.peak_tflops or (flops.peak_tflops(device, policy) if kind == "gpu" else None)
-    with strategy.scope():
-        model = train.create_model(config)
-        optimizer = optimization.create_optimizer(config, derived.total_steps, policy)
-        optimizer.build(model.trainable_variables)
+    model, optimizer = _build(strategy, config, derived, policy)
     forward = flops.model_flops(model)
     train_flops = flops.TRAINING_MULTIPLIER * forward
     result = {
@@ -253,6 +300,14 @@ def run_benchmark(config) -> dict:
                    _custom_runner(strategy, model, optimizer, config, derived, xla, dataset))
         if FLAGS.compare_fit:
             record("fit_input_excluded", _fit_runner(strategy, config, derived, arrays, policy, xla))
+        for label, variant in parse_variants(FLAGS.variants, config):
+            v_policy, v_xla = resolve_precision(variant.precision, kind), train.use_xla(variant, kind)
+            v_model, v_optimizer = _build(strategy, variant, derived, v_policy)
+            dataset = strategy.distribute_datasets_from_function(_cached_dataset_fn(variant, derived, arrays))
+            record(f"custom_input_excluded[{label}]",
+                   _custom_runner(strategy, v_model, v_optimizer, variant, derived, v_xla, dataset))
+            result["runs"][f"custom_input_excluded[{label}]"].update(precision=v_policy, xla=v_xla)
+        keras.mixed_precision.set_dtype_policy(policy)
     if FLAGS.measure in ("input", "all"):
         result["input_pipeline"] = _input_rate(strategy, config, derived, arrays)
         rate = result["input_pipeline"]
@@ -260,6 +315,12 @@ def run_benchmark(config) -> dict:
               f"{rate['images_per_sec_per_core']:,.0f} img/s/core", flush=True)
 
     runs = result["runs"]
+    if "custom_input_excluded" in runs and FLAGS.variants:
+        base = runs["custom_input_excluded"]["images_per_sec"]
+        result["variant_over_base"] = {label: runs[f"custom_input_excluded[{label}]"]["images_per_sec"] / base
+                                       for label in FLAGS.variants}
+        for label, ratio in result["variant_over_base"].items():
+            print(f"{label} / base: {ratio:.2f}x", flush=True)
     if "custom_input_excluded" in runs and "fit_input_excluded" in runs:
         result["custom_over_fit"] = (runs["custom_input_excluded"]["images_per_sec"]
                                      / runs["fit_input_excluded"]["images_per_sec"])

@@ -42,7 +42,24 @@ def test_benchmark_all_runs_on_two_replicas_write_valid_json(tmp_path):
     assert "custom loop / model.fit:" in proc.stdout and f"Saved {out}" in proc.stdout
 
 
+def test_variants_rerun_the_custom_loop_with_one_setting_changed(tmp_path):
+    out = tmp_path / "variants.json"
+    proc = run_cli("convmixer_dist.benchmark", *TINY, "--windows=2", "--pipeline=excluded",
+                   "--variants=precision=mixed_bfloat16,steps_per_loop=4", f"--output={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    bf16 = result["runs"]["custom_input_excluded[precision=mixed_bfloat16]"]
+    assert bf16["precision"] == "mixed_bfloat16" and bf16["images_per_sec"] > 0
+    assert result["runs"]["custom_input_excluded"]["images_per_sec"] > 0
+    ratios = result["variant_over_base"]
+    assert set(ratios) == {"precision=mixed_bfloat16", "steps_per_loop=4"}
+    assert ratios["precision=mixed_bfloat16"] == pytest.approx(
+        bf16["images_per_sec"] / result["runs"]["custom_input_excluded"]["images_per_sec"])
+
+
 @pytest.mark.parametrize("args, flag", [
+    (["--variants=precision=fp8"], "--variants"),
+    (["--variants=steps_per_loop=3"], "--variants"),
     (["--window_steps=3"], "--window_steps"),
     (["--pipeline=excluded,bogus"], "--pipeline"),
     (["--compare_fit", "--augment_on_device", "--augment=rrc"], "--compare_fit"),
