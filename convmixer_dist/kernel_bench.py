@@ -239,6 +239,9 @@ def main(argv) -> None:
                   parse_int_list("hidden_dims", f.hidden_dims), parse_int_list("batch_sizes", f.batch_sizes),
                   parse_int_list("spatial", f.spatial),
                   *(parse_choice_list(name, getattr(f, name), CHOICES[name]) for name in CHOICES))
+    from convmixer_dist.runtime import quiet_tensorflow_import
+
+    quiet_tensorflow_import()  # TensorFlow's import-time C++ logs would bury the table.
     import tensorflow as tf
 
     # Each point is a new tf.function by design; TF would warn about "excessive retracing".
