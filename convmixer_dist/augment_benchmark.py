@@ -10,12 +10,13 @@ augmentation is timed; images are random structured images of the given size.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
 from absl import app, flags
 
-from convmixer_dist.errors import UsageError, exit_on_usage_error
+from convmixer_dist.errors import UsageError, exit_on_usage_error, parse_flags
 
 
 def _define_flags() -> None:
@@ -31,6 +32,7 @@ def _define_flags() -> None:
     flags.DEFINE_float("mixup_alpha", 0.0, "AugmentSpec.mixup_alpha.")
     flags.DEFINE_float("cutmix_alpha", 0.0, "AugmentSpec.cutmix_alpha.")
     flags.DEFINE_bool("hflip", False, "AugmentSpec.hflip.")
+    flags.DEFINE_string("output", "runs/augment_benchmark.json", "Where to write the JSON result.")
 
 
 def _time(run_batch, batches: int) -> float:
@@ -78,13 +80,20 @@ def main(argv) -> None:
                        cutmix_alpha=f.cutmix_alpha, hflip=f.hflip).validate()
     cores = len(os.sched_getaffinity(0))
     placements = ["tf_data", "on_device"] if f.placement == "both" else [f.placement]
+    results = {"spec": dataclasses.asdict(spec), "batch_size": f.batch_size, "image_size": f.image_size,
+               "batches": f.batches, "cpu_cores": cores, "placements": {}}
     for placement in placements:
         rate = benchmark(spec, placement, f.batch_size, f.image_size, f.batches)
+        results["placements"][placement] = {"images_per_sec": rate, "images_per_sec_per_core": rate / cores}
         print(f"{placement:9s} {rate:9.0f} images/s on {cores} core(s) = {rate / cores:8.0f} images/s/core "
               f"(batch {f.batch_size}, {f.image_size}x{f.image_size}, {spec})", flush=True)
+    from convmixer_dist import rundir
 
+    os.makedirs(os.path.dirname(os.path.abspath(f.output)), exist_ok=True)
+    rundir.write_json(f.output, results)
+    print(f"Saved {f.output}", flush=True)
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -69,3 +69,16 @@ def test_bad_benchmark_flags_are_one_line_errors(tmp_path, args, flag):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and flag in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "r.json").exists()
+
+
+def test_augment_benchmark_times_both_placements(tmp_path):
+    out = tmp_path / "augment.json"
+    proc = run_cli("convmixer_dist.augment_benchmark", "--batch_size=16", "--image_size=16", "--batches=2",
+                   "--randaug_n=2", "--randaug_m=9", "--hflip", f"--output={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["placements"]) == {"tf_data", "on_device"}
+    for rate in result["placements"].values():
+        assert rate["images_per_sec"] > 0
+        assert rate["images_per_sec_per_core"] == pytest.approx(rate["images_per_sec"] / result["cpu_cores"])
+    assert result["spec"]["randaug_n"] == 2 and result["spec"]["hflip"] is True
