@@ -57,3 +57,8 @@ def test_profiler_server_listens_on_the_requested_port(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+    # Stopped with its process: nothing listens on the port any more (SO_REUSEADDR: a TIME_WAIT
+    # left by the probe connection does not count, a listening socket still would).
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("localhost", port))
