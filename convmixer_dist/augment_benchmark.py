@@ -16,6 +16,7 @@ import time
 
 from absl import app, flags
 
+from convmixer_dist import rundir
 from convmixer_dist.errors import UsageError, exit_on_usage_error, parse_flags
 
 
@@ -72,9 +73,13 @@ def benchmark(spec, placement: str, batch_size: int, image_size: int, batches: i
 def main(argv) -> None:
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments {argv[1:]}")
+    f = flags.FLAGS
+    rundir.ensure_writable_dir(os.path.dirname(os.path.abspath(f.output)), f"--output={f.output}")
+    from convmixer_dist.runtime import quiet_tensorflow_import
+
+    quiet_tensorflow_import()  # augment imports TensorFlow; its import-time logs would precede errors.
     from convmixer_dist.augment import AugmentSpec
 
-    f = flags.FLAGS
     spec = AugmentSpec(crop_scale=f.crop_scale, randaug_n=f.randaug_n, randaug_m=f.randaug_m,
                        jitter=f.jitter, erase_prob=f.erase_prob, mixup_alpha=f.mixup_alpha,
                        cutmix_alpha=f.cutmix_alpha, hflip=f.hflip).validate()
@@ -87,9 +92,6 @@ def main(argv) -> None:
         results["placements"][placement] = {"images_per_sec": rate, "images_per_sec_per_core": rate / cores}
         print(f"{placement:9s} {rate:9.0f} images/s on {cores} core(s) = {rate / cores:8.0f} images/s/core "
               f"(batch {f.batch_size}, {f.image_size}x{f.image_size}, {spec})", flush=True)
-    from convmixer_dist import rundir
-
-    os.makedirs(os.path.dirname(os.path.abspath(f.output)), exist_ok=True)
     rundir.write_json(f.output, results)
     print(f"Saved {f.output}", flush=True)
 

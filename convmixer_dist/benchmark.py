@@ -32,6 +32,7 @@ from typing import Callable
 from absl import app, flags
 
 from convmixer_dist import flags as cli  # Defines the training flags.
+from convmixer_dist import rundir
 from convmixer_dist.errors import UsageError, exit_on_usage_error, parse_flags
 
 flags.DEFINE_enum("measure", "train", ["train", "input", "all"], "train: the training runs; input: "
@@ -177,7 +178,7 @@ def _fit_runner(strategy, config, derived, arrays, policy: str, xla: bool) -> Ca
     import keras
     import tensorflow as tf
 
-    from convmixer_dist import data, optimization, train
+    from convmixer_dist import optimization, train
     from convmixer_dist.config import derive
 
     with strategy.scope():
@@ -214,8 +215,8 @@ def _input_rate(strategy, config, derived, arrays) -> dict:
             "augment": config.augment, "augment_on_device": config.augment_on_device}
 
 
-def validate_benchmark_flags(config) -> None:
-    """One-line errors for benchmark flags that cannot work together."""
+def validate_benchmark_flags(config) -> list[tuple[str, object]]:
+    """One-line errors for benchmark flags that cannot work together; returns the parsed --variants."""
     bad = [p for p in FLAGS.pipeline if p not in PIPELINES]
     if bad or not FLAGS.pipeline:
         raise UsageError(f"--pipeline={','.join(FLAGS.pipeline)}: expected excluded, included or both")
@@ -227,7 +228,8 @@ def validate_benchmark_flags(config) -> None:
                          f"--steps_per_loop={config.steps_per_loop}")
     if FLAGS.compare_fit and config.augment_on_device:
         raise UsageError("--compare_fit: model.fit cannot run --augment_on_device; drop one of them")
-    for label, variant in parse_variants(FLAGS.variants, config):
+    variants = parse_variants(FLAGS.variants, config)
+    for label, variant in variants:
         if FLAGS.window_steps % variant.steps_per_loop:
             raise UsageError(f"--variants={label}: --window_steps={FLAGS.window_steps} must be a "
                              f"multiple of its steps_per_loop")
@@ -235,17 +237,19 @@ def validate_benchmark_flags(config) -> None:
         raise UsageError("--variants are compared with the input-excluded run: add excluded to --pipeline")
     if FLAGS.peak_tflops < 0:
         raise UsageError(f"--peak_tflops={FLAGS.peak_tflops}: expected >= 0")
+    rundir.ensure_writable_dir(os.path.dirname(os.path.abspath(FLAGS.output)), f"--output={FLAGS.output}")
+    return variants
 
 
-def run_benchmark(config) -> dict:
-    """Every requested measurement for `config`; returns the JSON-ready result."""
+def run_benchmark(config, variants: list[tuple[str, object]]) -> dict:
+    """Every requested measurement for `config` (and its `variants`); returns the JSON-ready result."""
     import keras
     import tensorflow as tf
 
-    from convmixer_dist import data, flops, optimization, rundir
+    from convmixer_dist import data, flops
     from convmixer_dist import strategy as strategy_lib
     from convmixer_dist import train
-    from convmixer_dist.config import dataset_sizes, derive
+    from convmixer_dist.config import derive
     from convmixer_dist.model import count_params
     from convmixer_dist.precision import resolve_precision
 
@@ -254,9 +258,7 @@ def run_benchmark(config) -> dict:
     policy = resolve_precision(config.precision, kind)
     xla = train.use_xla(config, kind)
     arrays = None if config.dataset == "synthetic" else data.load_arrays(config)
-    sizes = (dataset_sizes(config) if arrays is None
-             else (len(arrays["train"][0]), len(arrays["test"][0])))
-    derived = derive(config, strategy.num_replicas_in_sync, *sizes)
+    derived = derive(config, strategy.num_replicas_in_sync, *data.split_sizes(config, arrays))
     data.augment_spec(config).validate()
 
     device = _device_name(kind)
@@ -300,7 +302,7 @@ def run_benchmark(config) -> dict:
                    _custom_runner(strategy, model, optimizer, config, derived, xla, dataset))
         if FLAGS.compare_fit:
             record("fit_input_excluded", _fit_runner(strategy, config, derived, arrays, policy, xla))
-        for label, variant in parse_variants(FLAGS.variants, config):
+        for label, variant in variants:
             v_policy, v_xla = resolve_precision(variant.precision, kind), train.use_xla(variant, kind)
             v_model, v_optimizer = _build(strategy, variant, derived, v_policy)
             dataset = strategy.distribute_datasets_from_function(_cached_dataset_fn(variant, derived, arrays))
@@ -330,7 +332,6 @@ def run_benchmark(config) -> dict:
         result["included_over_excluded"] = (runs["custom_input_included"]["images_per_sec"]
                                             / runs["custom_input_excluded"]["images_per_sec"])
         print(f"input included / excluded: {result['included_over_excluded']:.2f}", flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
     rundir.write_json(FLAGS.output, result)
     print(f"Saved {FLAGS.output}", flush=True)
     return result
@@ -341,11 +342,11 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments {argv[1:]}")
     config = cli.config_from_flags()
-    validate_benchmark_flags(config)
+    variants = validate_benchmark_flags(config)
     from convmixer_dist.runtime import quiet_tensorflow_import
 
     quiet_tensorflow_import()
-    run_benchmark(config)
+    run_benchmark(config, variants)
 
 
 if __name__ == "__main__":

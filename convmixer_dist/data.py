@@ -21,7 +21,7 @@ import tensorflow as tf
 from convmixer_dist import image_folder
 from convmixer_dist.augment import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD,
                                     IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, BatchAugmenter, normalize)
-from convmixer_dist.config import Config, Derived
+from convmixer_dist.config import Config, Derived, dataset_sizes
 from convmixer_dist.errors import UsageError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -148,6 +148,13 @@ def load_arrays(config: Config) -> dict:
                          f"--data_dir with the python-format files, or use --dataset=synthetic") from None
     return {"train": (x_train, y_train.reshape(-1).astype(np.int32)),
             "test": (x_test, y_test.reshape(-1).astype(np.int32))}
+
+
+def split_sizes(config: Config, arrays: dict | None) -> tuple[int, int]:
+    """(training, evaluation) examples: of the loaded `arrays`, or the dataset's known sizes (synthetic)."""
+    if arrays is None:
+        return dataset_sizes(config)
+    return len(arrays["train"][0]), len(arrays["test"][0])
 
 
 # --------------------------------------------------------------------------- synthetic data

@@ -47,7 +47,7 @@ def layer_flops(model) -> dict[str, int]:
     result = {}
     for layer in model.layers:
         if isinstance(layer, keras.layers.DepthwiseConv2D):
-            kh, kw, _, multiplier = layer.kernel.shape
+            kh, kw, _, _ = layer.kernel.shape  # c_out = c_in * depth multiplier
             _, h, w, c_out = layer.output.shape
             result[layer.name] = 2 * h * w * c_out * kh * kw
         elif isinstance(layer, keras.layers.Conv2D):

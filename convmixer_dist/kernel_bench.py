@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import itertools
-import json
 import os
 import statistics
 import time
 
 from absl import app, flags
 
+from convmixer_dist import rundir
 from convmixer_dist.errors import UsageError, exit_on_usage_error, parse_flags
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -178,28 +179,18 @@ def run_point(point: Point, warmup: int, iters: int, device: str = "/CPU:0") -> 
             "gflops": flops / median / 1e9, "gb_s": nbytes / median / 1e9}
 
 
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
-        write(f)
-    os.replace(tmp, path)  # Readers (and an interrupted run) never see a half-written file.
-
-
 def write_results(rows: list[dict], output_dir: str, device: str) -> None:
     """Write OUTPUT_DIR/kernel_bench.csv and kernel_bench.json, each atomically."""
     import tensorflow as tf
 
-    os.makedirs(output_dir, exist_ok=True)
     meta = {"device": device, "tf_version": tf.__version__, "cpu_cores": len(os.sched_getaffinity(0))}
-
-    def write_csv(f):
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-    _atomic_write(os.path.join(output_dir, "kernel_bench.csv"), write_csv)
-    _atomic_write(os.path.join(output_dir, "kernel_bench.json"),
-                  lambda f: json.dump({**meta, "rows": rows}, f, indent=1))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    # Atomic (temp file + rename): readers and an interrupted run never see a half-written file.
+    rundir.write_text(os.path.join(output_dir, "kernel_bench.csv"), table.getvalue())
+    rundir.write_json(os.path.join(output_dir, "kernel_bench.json"), {**meta, "rows": rows})
 
 
 def resolve_device(text: str) -> str:
@@ -239,6 +230,7 @@ def main(argv) -> None:
                   parse_int_list("hidden_dims", f.hidden_dims), parse_int_list("batch_sizes", f.batch_sizes),
                   parse_int_list("spatial", f.spatial),
                   *(parse_choice_list(name, getattr(f, name), CHOICES[name]) for name in CHOICES))
+    rundir.ensure_writable_dir(f.output_dir, f"--output_dir={f.output_dir}")
     from convmixer_dist.runtime import quiet_tensorflow_import
 
     quiet_tensorflow_import()  # TensorFlow's import-time C++ logs would bury the table.

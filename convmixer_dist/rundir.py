@@ -62,15 +62,21 @@ def prepare_model_dir(config: Config, chief: bool) -> str | None:
                                  f"({err.strerror})") from None
     else:
         check_resume_compatible(config)
-    try:
-        os.makedirs(config.model_dir, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"--model_dir={config.model_dir} cannot be created ({err.strerror})") from None
-    if not os.access(config.model_dir, os.W_OK):
-        raise UsageError(f"--model_dir={config.model_dir} is not writable")
+    ensure_writable_dir(config.model_dir, f"--model_dir={config.model_dir}")
     if chief:
         write_text(os.path.join(config.model_dir, FLAGS_FILE), config.to_flagfile())
     return moved
+
+
+def ensure_writable_dir(directory: str, flag: str) -> None:
+    """Create `directory` if needed; a UsageError starting with `flag` ("--name=value") if it cannot
+    be created or written. Called before long work, so its results are never lost at the end."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"{flag}: {directory} cannot be created ({err.strerror})") from None
+    if not os.access(directory, os.W_OK):
+        raise UsageError(f"{flag}: {directory} is not writable")
 
 
 def write_text(path: str, text: str) -> None:

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from convmixer_dist import data, image_folder, optimization, rundir
 from convmixer_dist.checkpoint import CheckpointSaver
-from convmixer_dist.config import Config, Derived, dataset_sizes, derive
+from convmixer_dist.config import Config, Derived, derive
 from convmixer_dist.model import build_convmixer, count_params
 from convmixer_dist.precision import resolve_precision
 from convmixer_dist.preemption import PreemptionWatcher
@@ -217,8 +217,7 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
 
     # ---- input pipeline (validated before anything is written)
     arrays = None if config.dataset == "synthetic" else data.load_arrays(config)
-    full_train, eval_size = (dataset_sizes(config) if arrays is None
-                             else (len(arrays["train"][0]), len(arrays["test"][0])))
+    full_train, eval_size = data.split_sizes(config, arrays)
     # --validation_fraction: a seeded held-out part of the training split, evaluated each epoch.
     split_ids = data.validation_split(config, full_train)
     train_ids, val_ids = split_ids if split_ids else (None, None)

@@ -82,3 +82,14 @@ def test_augment_benchmark_times_both_placements(tmp_path):
         assert rate["images_per_sec"] > 0
         assert rate["images_per_sec_per_core"] == pytest.approx(rate["images_per_sec"] / result["cpu_cores"])
     assert result["spec"]["randaug_n"] == 2 and result["spec"]["hflip"] is True
+
+
+@pytest.mark.parametrize("module", ["convmixer_dist.benchmark", "convmixer_dist.augment_benchmark"])
+def test_an_unwritable_output_is_refused_before_any_timing(tmp_path, module):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    proc = run_cli(module, f"--output={blocker}/result.json")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"error: --output={blocker}/result.json: ") and "cannot be created" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "window" not in proc.stdout
+    assert blocker.read_text() == "not a directory"

@@ -86,3 +86,13 @@ def test_bad_flag_is_one_error_line_and_exit_code_2(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--kernel_sizes" in lines[0], lines
     assert "Traceback" not in result.stderr and not os.listdir(tmp_path)
+
+
+def test_unwritable_output_dir_is_refused_before_any_point_runs(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep")
+    proc = run_cli("convmixer_dist.kernel_bench", "--kernel_sizes=3", f"--output_dir={blocker}/kb")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: --output_dir={blocker}/kb: ") and "cannot be created" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "points on" not in proc.stdout
+    assert blocker.read_text() == "keep"
