@@ -58,6 +58,7 @@ PIPELINES = ("excluded", "included")
 # Settings a --variants run may change: they leave the model, the data and the strategy as they are.
 VARIANT_CHOICES = {"precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
                    "xla": ("auto", "on", "off"), "sync_bn": ("true", "false"),
+                   "kernels": ("auto", "fused", "keras"),
                    "augment_on_device": ("true", "false"), "steps_per_loop": None}
 
 
@@ -142,11 +143,12 @@ def _build(strategy, config, derived, policy: str):
     import keras
 
     from convmixer_dist import optimization, train
+    from convmixer_dist.strategy import device_kind
 
     keras.mixed_precision.set_dtype_policy(policy)
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
-        model = train.create_model(config)
+        model = train.create_model(config, device_kind(strategy))
         optimizer = optimization.create_optimizer(config, derived.total_steps, policy)
         # Keras 3 creates slots lazily, which fails inside a distributed tf.function: build them now.
         optimizer.build(model.trainable_variables)
@@ -250,6 +252,7 @@ def run_benchmark(config, variants: list[tuple[str, object]]) -> dict:
     from convmixer_dist import strategy as strategy_lib
     from convmixer_dist import train
     from convmixer_dist.config import derive
+    from convmixer_dist.fused import resolve_kernels
     from convmixer_dist.model import count_params
     from convmixer_dist.precision import resolve_precision
 
@@ -273,6 +276,7 @@ def run_benchmark(config, variants: list[tuple[str, object]]) -> dict:
                   "parameters": count_params(model)},
         "setup": {"strategy": config.strategy, "replicas": derived.num_replicas, "device_kind": kind,
                   "device": device, "precision": policy, "xla": xla,
+                  "kernels": resolve_kernels(config.kernels, kind).name,
                   "global_batch_size": config.global_batch_size, "steps_per_loop": config.steps_per_loop,
                   "dataset": config.dataset, "augment": config.augment,
                   "augment_on_device": config.augment_on_device, "warmup_windows": FLAGS.warmup_windows,
@@ -308,7 +312,8 @@ def run_benchmark(config, variants: list[tuple[str, object]]) -> dict:
             dataset = strategy.distribute_datasets_from_function(_cached_dataset_fn(variant, derived, arrays))
             record(f"custom_input_excluded[{label}]",
                    _custom_runner(strategy, v_model, v_optimizer, variant, derived, v_xla, dataset))
-            result["runs"][f"custom_input_excluded[{label}]"].update(precision=v_policy, xla=v_xla)
+            result["runs"][f"custom_input_excluded[{label}]"].update(
+                precision=v_policy, xla=v_xla, kernels=resolve_kernels(variant.kernels, kind).name)
         keras.mixed_precision.set_dtype_policy(policy)
     if FLAGS.measure in ("input", "all"):
         result["input_pipeline"] = _input_rate(strategy, config, derived, arrays)

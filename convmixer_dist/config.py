@@ -20,6 +20,7 @@ AUGMENTS = ("none", "basic", "rrc")
 ALL_REDUCES = ("auto", "nccl", "hierarchical_copy", "ring")
 CLUSTERS = ("auto", "tf_config", "slurm")
 XLA_MODES = ("auto", "on", "off")
+KERNELS = ("auto", "fused", "keras")
 NAN_POLICIES = ("stop", "rollback")
 # Flags a resumed run must share with the run that wrote the checkpoint (the checkpoint's shape and
 # meaning depend on them). Others (epochs, strategy, batch size, ...) may change between restarts.
@@ -71,6 +72,7 @@ class Config:
     activation: str = "gelu"
     dropout_rate: float = 0.0
     sync_bn: bool = False
+    kernels: str = "auto"
     # Data.
     dataset: str = "synthetic"
     data_dir: str = ""

@@ -38,6 +38,10 @@ flags.DEFINE_enum("activation", None, ACTIVATIONS, "Activation (preset's if unse
 flags.DEFINE_float("dropout_rate", 0.0, "Dropout before every block and before the head (paper: 0).")
 flags.DEFINE_boolean("sync_bn", False, "BatchNorm statistics over the global batch across replicas "
                      "(default: per replica, as PyTorch DataParallel/DDP without SyncBatchNorm).")
+flags.DEFINE_enum("kernels", "auto", cfg.KERNELS, "BatchNorm, GELU and depthwise-conv implementations: "
+                  "auto = the fastest known per device (CPU: fused BatchNorm, one-erf GELU gradient, "
+                  "folded depthwise filter gradient; GPU: fused BatchNorm only), fused = all that apply "
+                  "on the device, keras = the plain Keras layers. Same variables and results.")
 # Data.
 flags.DEFINE_enum("dataset", "synthetic", cfg.DATASETS, "Training data.")
 flags.DEFINE_string("data_dir", "", "cifar10/cifar100: folder with the official python-format files "
@@ -211,7 +215,7 @@ def config_from_flags() -> cfg.Config:
         all_reduce=FLAGS.all_reduce, cluster=FLAGS.cluster, collective_timeout=FLAGS.collective_timeout,
         model=FLAGS.model, hidden_dim=pick("hidden_dim"), depth=pick("depth"),
         kernel_size=pick("kernel_size"), patch_size=pick("patch_size"), activation=pick("activation"),
-        dropout_rate=FLAGS.dropout_rate, sync_bn=FLAGS.sync_bn,
+        dropout_rate=FLAGS.dropout_rate, sync_bn=FLAGS.sync_bn, kernels=FLAGS.kernels,
         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=image_size, num_classes=num_classes,
         synthetic_train_size=FLAGS.synthetic_train_size, synthetic_eval_size=FLAGS.synthetic_eval_size,
         augment=FLAGS.augment, crop_scale=FLAGS.crop_scale, randaug_n=FLAGS.randaug_n,
