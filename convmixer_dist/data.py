@@ -157,6 +157,14 @@ def split_sizes(config: Config, arrays: dict | None) -> tuple[int, int]:
     return len(arrays["train"][0]), len(arrays["test"][0])
 
 
+def trained_sizes(config: Config, arrays: dict | None) -> tuple[int, int]:
+    """(examples trained on: the training split minus the --validation_fraction hold-out,
+    evaluation examples): what `derive` must count, so steps per epoch match the training stream."""
+    full_train, eval_size = split_sizes(config, arrays)
+    held_out = validation_split(config, full_train)
+    return (full_train if held_out is None else len(held_out[0])), eval_size
+
+
 # --------------------------------------------------------------------------- synthetic data
 def synthetic_example(index, seed: int, image_size: int, num_classes: int):
     """A learnable example: a smooth class-specific pattern plus noise, as uint8 (in-graph).
@@ -262,6 +270,16 @@ def make_dataset_fn(config: Config, derived: Derived, split: str, arrays=None,
     mean, std = NORMALIZATION[config.dataset]
     batch = derived.per_replica_batch_size
     example = _example_fn(config, "eval" if split == "eval" else "train", arrays)
+    if split != "eval" and ids is None:
+        # The split is a pure function of the config: a caller cannot forget it and train on the
+        # validation examples.
+        held_out = validation_split(config, split_sizes(config, arrays)[0])
+        ids = None if held_out is None else held_out[0 if split == "train" else 1]
+    if split == "val" and ids is None:
+        raise ValueError("the validation split needs --validation_fraction > 0")
+    if split == "train" and ids is not None and len(ids) != derived.train_size:
+        raise ValueError(f"derived.train_size={derived.train_size} but {len(ids)} training ids: "
+                         "derive() must count the training ids only")
     id_table = None if ids is None else tf.constant(ids, tf.int64)
 
     def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:

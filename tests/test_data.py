@@ -130,3 +130,53 @@ def test_training_stream_resumes_at_any_step_identically(tmp_path):
     for start in (3, 6, 13):
         for a, b in zip(full[start:], batches(start, 16 - start)):
             np.testing.assert_array_equal(a, b)
+
+
+def _indexed_arrays(n: int, eval_n: int = 5) -> dict:
+    """Arrays whose label is the example's index, so a pipeline's labels are the indices it read."""
+    return {"train": (np.zeros((n, 8, 8, 3), np.uint8), np.arange(n, dtype=np.int32)),
+            "test": (np.zeros((eval_n, 8, 8, 3), np.uint8), np.arange(eval_n, dtype=np.int32))}
+
+
+def _labels(strategy, batch) -> list[int]:
+    return [int(v) for part in strategy.experimental_local_results(batch[1]) for v in part.numpy()]
+
+
+@pytest.mark.parametrize("n,fraction,seed", [(50, 0.2, 0), (37, 0.5, 3), (64, 0.1, 11), (29, 0.3, 5)])
+def test_training_and_validation_index_streams_are_disjoint_and_cover_the_split(tmp_path, n, fraction, seed):
+    # The indices the distributed pipelines actually yield, as train.py builds them.
+    config = tiny_config(str(tmp_path), dataset="cifar10", augment="none", image_size=8,
+                         validation_fraction=fraction, seed=seed, global_batch_size=4,
+                         strategy="mirrored", cpu_replicas=2)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    arrays = _indexed_arrays(n)
+    derived = derive(config, 2, *data.trained_sizes(config, arrays))
+    validation = [i for batch in data.eval_dataset(strategy, config, derived, arrays, split="val")
+                  for i in _labels(strategy, batch)]
+    assert len(validation) == len(set(validation)) == max(1, round(n * fraction))
+    train_size = derived.train_size
+    assert train_size == n - len(validation)
+    # Two passes over the training ids (the stream crosses epoch boundaries mid-batch).
+    iterator = iter(data.train_dataset(strategy, config, derived, arrays))
+    stream: list[int] = []
+    while len(stream) < 2 * train_size:
+        stream.extend(_labels(strategy, next(iterator)))
+    first, second = stream[:train_size], stream[train_size:2 * train_size]
+    assert sorted(first) == sorted(second) and len(set(first)) == train_size  # each pass a permutation
+    assert first != second  # ... a fresh one each epoch
+    assert not set(first) & set(validation)  # disjoint
+    assert sorted(first + validation) == list(range(n))  # together the whole training split
+    # The explicit ids train.py passes give the same stream.
+    train_ids, val_ids = data.validation_split(config, n)
+    again = iter(data.train_dataset(strategy, config, derived, arrays, ids=train_ids))
+    assert _labels(strategy, next(again)) == stream[:config.global_batch_size]
+    assert sorted(val_ids.tolist()) == sorted(validation)
+
+
+def test_training_ids_must_match_the_derived_size(tmp_path):
+    config = tiny_config(str(tmp_path), dataset="cifar10", augment="none", image_size=8,
+                         validation_fraction=0.5, global_batch_size=4)
+    arrays = _indexed_arrays(40)
+    full = derive(config, 1, *data.split_sizes(config, arrays))  # counts the held-out examples too
+    with pytest.raises(ValueError, match="training ids"):
+        data.make_dataset_fn(config, full, "train", arrays)
