@@ -38,24 +38,26 @@ NATIVE_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32}
 
 
 MODELS = tuple(sorted(PRESETS))
+INT_LIMIT = 2 ** 31  # Step counts, sizes and seeds become int32/int64 TensorFlow values.
 
 
 def setting(default: Any, help: str, *, choices: Optional[Sequence[str]] = None,
-            ge: Optional[float] = None, gt: Optional[float] = None, le: Optional[float] = None,
-            lt: Optional[float] = None, expected: Optional[str] = None, unset: Optional[str] = None,
+            bounds: Optional[tuple[float, float, str]] = None, unset: Optional[str] = None,
             flagfile: bool = True) -> Any:
     """A Config field that is also a flag `--NAME` (NAME = the field's name).
 
-    `help` is the flag's help text; `choices` makes it an enum; `ge`/`gt`/`le`/`lt` are inclusive /
-    exclusive bounds checked by `check_setting` (`expected` replaces the generated wording of the
-    error). `unset="preset"` (a model size from `--model`) or `unset="dataset"` (from `--dataset`)
-    gives the flag no default: unset, the value is resolved by `flags.config_from_flags`, and the
-    field's default is that of the default preset/dataset. `flagfile=False`: an action of this
-    invocation only (e.g. --overwrite), never written to flags.txt.
+    `help` is the flag's help text; `choices` makes it an enum. `bounds=(low, high, "[)")` is the
+    value's own interval ("[]", "[)", "(]" or "()"), checked by `check_setting` wherever the value
+    comes from (flags, flags.txt, a benchmark variant); floats must also be finite. Every numeric
+    setting has bounds; its upper bound refuses values that can only be typos. `unset="preset"` (a
+    model size from `--model`) or `unset="dataset"` (from `--dataset`) gives the flag no default:
+    unset, `flags.resolve` fills it in, and the field's default is that of the default preset or
+    dataset. `flagfile=False`: an action of this invocation only (e.g. --overwrite), never written
+    to flags.txt.
     """
     return dataclasses.field(default=default, metadata=dict(
-        help=help, choices=tuple(choices) if choices is not None else None, ge=ge, gt=gt, le=le, lt=lt,
-        expected=expected, unset=unset, flagfile=flagfile))
+        help=help, choices=tuple(choices) if choices is not None else None, bounds=bounds, unset=unset,
+        flagfile=flagfile))
 
 
 def settings() -> tuple[dataclasses.Field, ...]:
@@ -88,44 +90,25 @@ def value_from_text(name: str, text: str) -> Any:
         raise ValueError(f"--{name}={text} is not a valid {kind}") from None
 
 
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
-
-
-def expected_text(field: dataclasses.Field) -> Optional[str]:
-    """What `check_setting` says a valid value of this field is; None if any value of its type is."""
-    meta = field.metadata
-    if meta["expected"]:
-        return meta["expected"]
-    if meta["choices"] is not None:
-        return "one of " + ", ".join(meta["choices"])
-    low, high = (meta["ge"], "[") if meta["ge"] is not None else (meta["gt"], "(")
-    top, close = (meta["le"], "]") if meta["le"] is not None else (meta["lt"], ")")
-    if low is not None and top is not None:
-        if high == "[" and close == "]" and setting_type(field) == "int" and top - low <= 2:
-            values = [_number(v) for v in range(int(low), int(top) + 1)]
-            return ", ".join(values[:-1]) + " or " + values[-1]
-        return f"a value in {high}{_number(low)}, {_number(top)}{close}"
-    if low == 0:
-        return "a non-negative number" if high == "[" else "a positive number"
-    if low is not None:
-        return f"at least {_number(low)}" if high == "[" else f"a number > {_number(low)}"
-    if top is not None:
-        return f"at most {_number(top)}" if close == "]" else f"a number < {_number(top)}"
-    return None
+def check_range(name: str, value: float, low: float, high: float, bounds: str) -> None:
+    """UsageError naming `--name` unless `value` is a finite number inside the interval."""
+    inside = ((isinstance(value, int) or math.isfinite(value))
+              and (low <= value if bounds[0] == "[" else low < value)
+              and (value <= high if bounds[1] == "]" else value < high))
+    if not inside:
+        kind = "an integer" if isinstance(value, int) else "a finite number"
+        raise UsageError(f"--{name}={value}: expected {kind} in {bounds[0]}{low:g}, {high:g}{bounds[1]}")
 
 
 def check_setting(name: str, value: Any) -> None:
-    """Raise UsageError `--name=value: expected ...` if `value` breaks the field's declared checks."""
-    field = setting_field(name)
-    meta = field.metadata
+    """Raise UsageError `--name=value: expected ...` if `value` breaks the field's choices or bounds."""
+    meta = setting_field(name).metadata
     if value is None:
         return
-    ok = (meta["choices"] is None or value in meta["choices"]) and \
-        (meta["ge"] is None or value >= meta["ge"]) and (meta["gt"] is None or value > meta["gt"]) and \
-        (meta["le"] is None or value <= meta["le"]) and (meta["lt"] is None or value < meta["lt"])
-    if not ok:
-        raise UsageError(f"--{name}={flag_text(value)}: expected {expected_text(field)}")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise UsageError(f"--{name}={value}: expected one of {', '.join(meta['choices'])}")
+    if meta["bounds"] is not None:
+        check_range(name, value, *meta["bounds"])
 
 
 def flag_text(value) -> str:
@@ -153,26 +136,30 @@ class Config:
 
     # Distribution.
     strategy: str = setting("one_device", "tf.distribute strategy.", choices=STRATEGIES)
-    num_gpus: int = setting(-1, "GPUs to use with one_device/mirrored; -1 = all visible.", ge=-1,
-                            expected="-1 (all visible) or a count >= 0")
+    num_gpus: int = setting(-1, "GPUs to use with one_device/mirrored; -1 = all visible.",
+                            bounds=(-1, 4096, "[]"))
     cpu_replicas: int = setting(1, "Split the host CPU into N logical devices so `mirrored` runs N "
-                                "replicas without GPUs (testing/development).", gt=0)
+                                "replicas without GPUs (testing/development).", bounds=(1, 1024, "[]"))
     all_reduce: str = setting("auto", "Cross-replica all-reduce: auto, nccl, hierarchical_copy "
                               "(mirrored), ring (multi_worker).", choices=ALL_REDUCES)
     cluster: str = setting("auto", "Where multi_worker reads the cluster from: TF_CONFIG, Slurm's "
                            "environment (under srun), or auto.", choices=CLUSTERS)
     collective_timeout: float = setting(300.0, "Seconds before a collective op gives up on a dead peer "
-                                        "(multi_worker).", gt=0)
+                                        "(multi_worker).", bounds=(0, 7 * 86400, "(]"))
     # Model (resolved from --model plus overrides).
     model: str = setting("convmixer_256_8", "Model preset; the flags below override it.", choices=MODELS)
-    hidden_dim: int = setting(256, "Channels h (preset's if unset).", gt=0, unset="preset")
-    depth: int = setting(8, "Number of ConvMixer blocks d (preset's if unset).", gt=0, unset="preset")
-    kernel_size: int = setting(5, "Depthwise kernel size k (preset's if unset).", gt=0, unset="preset")
-    patch_size: int = setting(2, "Patch size p (preset's if unset).", gt=0, unset="preset")
+    hidden_dim: int = setting(256, "Channels h (preset's if unset).", unset="preset",
+                              bounds=(1, 65536, "[]"))
+    depth: int = setting(8, "Number of ConvMixer blocks d (preset's if unset).", unset="preset",
+                         bounds=(1, 1024, "[]"))
+    kernel_size: int = setting(5, "Depthwise kernel size k (preset's if unset).", unset="preset",
+                               bounds=(1, 1024, "[]"))
+    patch_size: int = setting(2, "Patch size p (preset's if unset).", unset="preset",
+                              bounds=(1, 1024, "[]"))
     activation: str = setting("gelu", "Activation (preset's if unset).", choices=ACTIVATIONS,
                               unset="preset")
     dropout_rate: float = setting(0.0, "Dropout before every block and before the head (paper: 0).",
-                                  ge=0, lt=1)
+                                  bounds=(0, 1, "[)"))
     sync_bn: bool = setting(False, "BatchNorm statistics over the global batch across replicas "
                             "(default: per replica, as PyTorch DataParallel/DDP without SyncBatchNorm).")
     # Data.
@@ -180,46 +167,59 @@ class Config:
     data_dir: str = setting("", "cifar10/cifar100: folder with the official python-format files "
                             "(cifar-10-batches-py / cifar-100-python) or their .tar.gz; empty = "
                             "keras.datasets download cache.")
-    image_size: int = setting(32, "Input resolution (dataset's native size if unset).", gt=0,
-                              unset="dataset")
-    num_classes: int = setting(10, "Classes of --dataset=synthetic.", ge=2)
-    synthetic_train_size: int = setting(10000, "Training examples per epoch of synthetic data.", gt=0)
-    synthetic_eval_size: int = setting(1000, "Evaluation examples of synthetic data.", gt=0)
+    image_size: int = setting(32, "Input resolution (dataset's native size if unset).",
+                              unset="dataset", bounds=(1, 16384, "[]"))
+    num_classes: int = setting(10, "Classes of --dataset=synthetic.", bounds=(2, 1_000_000, "[]"))
+    synthetic_train_size: int = setting(10000, "Training examples per epoch of synthetic data.",
+                                        bounds=(1, INT_LIMIT, "[)"))
+    synthetic_eval_size: int = setting(1000, "Evaluation examples of synthetic data.",
+                                       bounds=(1, INT_LIMIT, "[)"))
     augment: str = setting("basic", "basic = random crop with 4px padding (scaled with image size) + "
                            "horizontal flip; rrc = the reference recipe's random resized crop (area >= "
                            "--crop_scale) + horizontal flip; none = neither.", choices=AUGMENTS)
     crop_scale: float = setting(1.0, "With --augment=rrc: minimum crop area fraction (reference "
-                                "--scale); 1 = flip only.")
-    randaug_n: int = setting(0, "RandAugment operations per image (reference --ra-n); 0 = off.")
-    randaug_m: float = setting(0.0, "RandAugment magnitude, torchvision scale 0..30 (reference --ra-m).")
-    jitter: float = setting(0.0, "Colour jitter strength (brightness = contrast = saturation).")
-    erase_prob: float = setting(0.0, "Random erasing probability per image (reference --reprob).")
-    mixup_alpha: float = setting(0.0, "MixUp Beta(alpha, alpha); 0 = off. Soft-label loss.")
+                                "--scale); 1 = flip only.", bounds=(0, 1, "(]"))
+    randaug_n: int = setting(0, "RandAugment operations per image (reference --ra-n); 0 = off.",
+                             bounds=(0, 10, "[]"))
+    randaug_m: float = setting(0.0, "RandAugment magnitude, torchvision scale 0..30 (reference --ra-m).",
+                               bounds=(0, 30, "[]"))
+    jitter: float = setting(0.0, "Colour jitter strength (brightness = contrast = saturation).",
+                            bounds=(0, 1, "[)"))
+    erase_prob: float = setting(0.0, "Random erasing probability per image (reference --reprob).",
+                                bounds=(0, 1, "[]"))
+    mixup_alpha: float = setting(0.0, "MixUp Beta(alpha, alpha); 0 = off. Soft-label loss.",
+                                 bounds=(0, 100, "[]"))
     cutmix_alpha: float = setting(0.0, "CutMix Beta(alpha, alpha) in (0, 1]; 0 = off. With MixUp, one "
-                                  "of the two per batch (probability 0.5).")
+                                  "of the two per batch (probability 0.5).", bounds=(0, 1, "[]"))
     augment_on_device: bool = setting(False, "Run the heavy augmentations (crop_scale, RandAugment, "
                                       "jitter, erasing, MixUp/CutMix) batched inside the training step on "
                                       "the accelerator instead of in tf.data on the host CPU.")
     validation_fraction: float = setting(0.0, "Hold out this fraction of the training split (seeded) as "
                                          "a validation set evaluated each epoch; the test split is "
-                                         "evaluated at the end.", ge=0, lt=1)
+                                         "evaluated at the end.", bounds=(0, 1, "[)"))
     early_stopping_patience: int = setting(0, "Stop after this many epochs without a lower validation "
                                            "loss and restore the best weights; 0 = off. Needs "
-                                           "--validation_fraction.", ge=0)
+                                           "--validation_fraction.", bounds=(0, INT_LIMIT, "[)"))
     # Optimization.
-    global_batch_size: int = setting(128, "Batch size summed over all replicas.", gt=0)
-    epochs: int = setting(1, "Training epochs (ignored when --train_steps is set).")
-    train_steps: int = setting(0, "Total training steps; wins over --epochs when > 0.", ge=0)
-    steps_per_loop: int = setting(10, "Steps per tf.function call (host round trips amortised).", gt=0)
-    learning_rate: float = setting(0.01, "Peak learning rate (AdamW).", gt=0)
-    weight_decay: float = setting(0.01, "AdamW decoupled weight decay.", ge=0)
+    global_batch_size: int = setting(128, "Batch size summed over all replicas.",
+                                     bounds=(1, INT_LIMIT, "[)"))
+    epochs: int = setting(1, "Training epochs (ignored when --train_steps is set).",
+                          bounds=(1, INT_LIMIT, "[)"))
+    train_steps: int = setting(0, "Total training steps; wins over --epochs when > 0.",
+                               bounds=(0, INT_LIMIT, "[)"))
+    steps_per_loop: int = setting(10, "Steps per tf.function call (host round trips amortised).",
+                                  bounds=(1, INT_LIMIT, "[)"))
+    learning_rate: float = setting(0.01, "Peak learning rate (AdamW).", bounds=(0, 10, "(]"))
+    weight_decay: float = setting(0.01, "AdamW decoupled weight decay.", bounds=(0, 10, "[]"))
     adam_epsilon: float = setting(1e-8, "AdamW epsilon (PyTorch's default 1e-8; the paper's ImageNet runs "
-                                  "use 1e-3).", gt=0)
+                                  "use 1e-3).", bounds=(0, 1, "(]"))
     lr_schedule: str = setting("onecycle", "onecycle = reference CIFAR schedule (0 -> max at 2/5 -> "
                                "max/20 at 4/5 -> 0, per step).", choices=LR_SCHEDULES)
-    warmup_steps: int = setting(0, "Linear warm-up steps for cosine/constant schedules.", ge=0)
-    label_smoothing: float = setting(0.0, "Label smoothing of the cross-entropy.", ge=0, lt=1)
-    clip_norm: float = setting(0.0, "Clip gradients by global norm (over all replicas); 0 = off.", ge=0)
+    warmup_steps: int = setting(0, "Linear warm-up steps for cosine/constant schedules.",
+                                bounds=(0, INT_LIMIT, "[)"))
+    label_smoothing: float = setting(0.0, "Label smoothing of the cross-entropy.", bounds=(0, 1, "[)"))
+    clip_norm: float = setting(0.0, "Clip gradients by global norm (over all replicas); 0 = off.",
+                               bounds=(0, 1e6, "[]"))
     precision: str = setting("auto", "auto = mixed_bfloat16 on GPUs with compute capability >= 8.0, "
                              "mixed_float16 on 7.x, float32 on CPU.", choices=PRECISIONS)
     xla: str = setting("auto", "XLA-compile the per-replica forward/backward; auto = on for GPUs, off on "
@@ -227,19 +227,22 @@ class Config:
     # Output.
     model_dir: str = setting("runs/default", "Checkpoints, TensorBoard events, flags.txt, summary.json. "
                              "A rerun with the same directory resumes.")
-    checkpoint_every_steps: int = setting(1000, "Checkpoint period in steps (also at the end).", gt=0)
-    keep_checkpoints: int = setting(3, "Checkpoints kept.", gt=0)
-    log_every_steps: int = setting(0, "Progress line period in steps; 0 = about 10 per epoch.", ge=0)
+    checkpoint_every_steps: int = setting(1000, "Checkpoint period in steps (also at the end).",
+                                          bounds=(1, INT_LIMIT, "[)"))
+    keep_checkpoints: int = setting(3, "Checkpoints kept.", bounds=(1, 100000, "[]"))
+    log_every_steps: int = setting(0, "Progress line period in steps; 0 = about 10 per epoch.",
+                                   bounds=(0, INT_LIMIT, "[)"))
     profile_steps: str = setting("", "START,END: capture a TensorBoard profile of these steps into "
                                  "MODEL_DIR (chief only); empty = off.")
     profiler_port: int = setting(0, "Start the profiler server on this port for on-demand capture "
-                                 "(TensorBoard's Capture profile: grpc://HOST:PORT); 0 = off.", ge=0,
-                                 le=65535, expected="a TCP port (0 = off)")
-    profile_host_tracer_level: int = setting(2, "Host (CPU) tracer level 1-3 of --profile_steps.", ge=1,
-                                             le=3)
-    profile_python_tracer_level: int = setting(0, "Python tracer level 0-1 of --profile_steps.", ge=0,
-                                               le=1)
-    seed: int = setting(0, "Seed of initialisation, shuffling and augmentation.")
+                                 "(TensorBoard's Capture profile: grpc://HOST:PORT); 0 = off.",
+                                 bounds=(0, 65535, "[]"))
+    profile_host_tracer_level: int = setting(2, "Host (CPU) tracer level 1-3 of --profile_steps.",
+                                             bounds=(1, 3, "[]"))
+    profile_python_tracer_level: int = setting(0, "Python tracer level 0-1 of --profile_steps.",
+                                               bounds=(0, 1, "[]"))
+    seed: int = setting(0, "Seed of initialisation, shuffling and augmentation.",
+                        bounds=(0, INT_LIMIT, "[)"))
     # Reliability.
     deterministic: bool = setting(False, "Deterministic ops (tf.config.experimental."
                                   "enable_op_determinism): a killed and resumed run ends bit-identical to "
@@ -247,13 +250,15 @@ class Config:
     nan_policy: str = setting("stop", "On a non-finite loss: stop (exit 3, last good checkpoint kept) or "
                               "roll back to the last checkpoint with a lower learning rate.",
                               choices=NAN_POLICIES)
-    nan_max_rollbacks: int = setting(3, "Rollbacks before --nan_policy=rollback gives up.", ge=0)
-    nan_lr_factor: float = setting(0.5, "Learning-rate multiplier applied at each rollback.", gt=0, lt=1)
+    nan_max_rollbacks: int = setting(3, "Rollbacks before --nan_policy=rollback gives up.",
+                                     bounds=(0, 1000, "[]"))
+    nan_lr_factor: float = setting(0.5, "Learning-rate multiplier applied at each rollback.",
+                                   bounds=(0, 1, "()"))
     # Actions and test hooks of this invocation only: never written to flags.txt.
     overwrite: bool = setting(False, "Start fresh: move an existing --model_dir aside "
                               "(MODEL_DIR.old-TIMESTAMP) instead of resuming from it.", flagfile=False)
-    fault_inject_nan_at_step: int = setting(0, "Testing: make the loss NaN once at this step.", ge=0,
-                                            flagfile=False)
+    fault_inject_nan_at_step: int = setting(0, "Testing: make the loss NaN once at this step.",
+                                            flagfile=False, bounds=(0, INT_LIMIT, "[)"))
 
     def to_flagfile(self) -> str:
         """The config as an absl flagfile (one `--name=value` line per field)."""

@@ -20,6 +20,9 @@ from convmixer_dist.presets import PRESETS
 from convmixer_dist.profiling import parse_profile_steps
 
 FLAGS = flags.FLAGS
+# Each numeric flag's own interval (low, high, "[)"), as declared on its Config field.
+RANGES: dict[str, tuple[float, float, str]] = {
+    field.name: field.metadata["bounds"] for field in cfg.settings() if field.metadata["bounds"]}
 _DEFINE = {"bool": flags.DEFINE_boolean, "int": flags.DEFINE_integer, "float": flags.DEFINE_float,
            "str": flags.DEFINE_string}
 
@@ -43,8 +46,6 @@ def validate(c: cfg.Config) -> None:
     """Raise UsageError (one line naming the flag) for any invalid value or combination of values."""
     for field in cfg.settings():
         cfg.check_setting(field.name, getattr(c, field.name))
-    if c.train_steps == 0 and c.epochs <= 0:
-        raise UsageError(f"--epochs={c.epochs}: expected a positive number (or --train_steps)")
     if c.early_stopping_patience and not c.validation_fraction:
         raise UsageError("--early_stopping_patience needs --validation_fraction > 0 (the test split is "
                          "never used for model selection)")
