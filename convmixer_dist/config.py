@@ -62,6 +62,7 @@ class Config:
     all_reduce: str = "auto"
     cluster: str = "auto"
     collective_timeout: float = 300.0
+    startup_timeout: float = 300.0
     # Model (resolved from --model plus overrides).
     model: str = "convmixer_256_8"
     hidden_dim: int = 256

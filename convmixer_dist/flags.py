@@ -28,6 +28,8 @@ flags.DEFINE_enum("cluster", "auto", cfg.CLUSTERS, "Where multi_worker reads the
                   "TF_CONFIG, Slurm's environment (under srun), or auto.")
 flags.DEFINE_float("collective_timeout", 300.0, "Seconds before a collective op gives up on a dead "
                    "peer (multi_worker).")
+flags.DEFINE_float("startup_timeout", 300.0, "multi_worker: seconds a worker waits for all its peers "
+                   "at start-up before exiting with one line naming the missing task.")
 # Model.
 flags.DEFINE_enum("model", "convmixer_256_8", sorted(PRESETS), "Model preset; the flags below override it.")
 flags.DEFINE_integer("hidden_dim", None, "Channels h (preset's if unset).")
@@ -126,7 +128,7 @@ def validate(c: cfg.Config) -> None:
     for name in ("hidden_dim", "depth", "kernel_size", "patch_size", "image_size", "num_classes",
                  "global_batch_size", "steps_per_loop", "checkpoint_every_steps", "keep_checkpoints",
                  "synthetic_train_size", "synthetic_eval_size", "cpu_replicas",
-                 "learning_rate", "collective_timeout"):
+                 "learning_rate", "collective_timeout", "startup_timeout"):
         _positive(name, getattr(c, name))
     for name in ("train_steps", "warmup_steps", "weight_decay", "clip_norm", "log_every_steps",
                  "nan_max_rollbacks", "fault_inject_nan_at_step"):
@@ -209,6 +211,7 @@ def config_from_flags() -> cfg.Config:
     config = cfg.Config(
         strategy=FLAGS.strategy, num_gpus=FLAGS.num_gpus, cpu_replicas=FLAGS.cpu_replicas,
         all_reduce=FLAGS.all_reduce, cluster=FLAGS.cluster, collective_timeout=FLAGS.collective_timeout,
+        startup_timeout=FLAGS.startup_timeout,
         model=FLAGS.model, hidden_dim=pick("hidden_dim"), depth=pick("depth"),
         kernel_size=pick("kernel_size"), patch_size=pick("patch_size"), activation=pick("activation"),
         dropout_rate=FLAGS.dropout_rate, sync_bn=FLAGS.sync_bn,
