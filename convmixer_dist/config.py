@@ -13,7 +13,8 @@ from typing import Optional
 from convmixer_dist.errors import UsageError
 
 STRATEGIES = ("one_device", "mirrored", "multi_worker")
-DATASETS = ("cifar10", "cifar100", "synthetic", "image_folder")
+DATASETS = ("cifar10", "cifar100", "synthetic", "image_folder", "tfrecord")
+ERASE_MODES = ("const", "pixel")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 LR_SCHEDULES = ("onecycle", "cosine", "constant")
 AUGMENTS = ("none", "basic", "rrc")
@@ -30,6 +31,17 @@ IDENTITY_FIELDS = ("model", "hidden_dim", "depth", "kernel_size", "patch_size", 
 DATASET_SIZES = {"cifar10": (50000, 10000), "cifar100": (50000, 10000)}
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100}
 NATIVE_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32}
+
+
+def parse_crop_ratio(text: str) -> tuple[float, float]:
+    """--crop_ratio '0.75,1.3333' -> (0.75, 1.3333); ValueError unless 0 < LOW <= HIGH (finite)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 2:
+        raise ValueError(text)
+    low, high = (float(p) for p in parts)
+    if not (0 < low <= high and math.isfinite(high)):
+        raise ValueError(text)
+    return low, high
 
 
 def flag_text(value) -> str:
@@ -80,13 +92,19 @@ class Config:
     synthetic_eval_size: int = 1000
     augment: str = "basic"
     crop_scale: float = 1.0
+    crop_ratio: str = "1,1"
     randaug_n: int = 0
     randaug_m: float = 0.0
+    randaug_mstd: float = 0.0
     jitter: float = 0.0
     erase_prob: float = 0.0
+    erase_mode: str = "const"
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     augment_on_device: bool = False
+    decode_crop: bool = True
+    eval_crop_fraction: float = 1.0
+    tfrecord_label_offset: int = 1
     validation_fraction: float = 0.0
     early_stopping_patience: int = 0
     # Optimization.
@@ -96,6 +114,8 @@ class Config:
     steps_per_loop: int = 10
     learning_rate: float = 0.01
     weight_decay: float = 0.01
+    wd_exclude_bias_bn: bool = False
+    grad_accum_steps: int = 1
     adam_epsilon: float = 1e-8
     lr_schedule: str = "onecycle"
     warmup_steps: int = 0
@@ -137,7 +157,7 @@ class Derived:
     """Values computed from the config and the number of replicas."""
 
     num_replicas: int
-    per_replica_batch_size: int
+    per_replica_batch_size: int  # examples per replica per micro-batch (global / replicas / accum)
     steps_per_epoch: int
     total_steps: int
     epochs: int
@@ -155,10 +175,12 @@ def dataset_sizes(config: Config) -> tuple[int, int]:
 def derive(config: Config, num_replicas: int, train_size: Optional[int] = None,
            eval_size: Optional[int] = None) -> Derived:
     """Per-replica batch, steps per epoch and total steps; `--train_steps` wins over `--epochs`."""
-    if config.global_batch_size % num_replicas:
+    divisor = num_replicas * config.grad_accum_steps  # each replica's micro-batch must be whole
+    if config.global_batch_size % divisor:
+        accum = f" x --grad_accum_steps={config.grad_accum_steps}" if config.grad_accum_steps > 1 else ""
         raise UsageError(
             f"--global_batch_size={config.global_batch_size} is not divisible by the "
-            f"{num_replicas} replicas of --strategy={config.strategy}; use a multiple of {num_replicas}")
+            f"{num_replicas} replicas of --strategy={config.strategy}{accum}; use a multiple of {divisor}")
     default_train, default_eval = dataset_sizes(config) if config.dataset in DATASET_SIZES or \
         config.dataset == "synthetic" else (0, 0)
     train_size = default_train if train_size is None else train_size
@@ -174,6 +196,6 @@ def derive(config: Config, num_replicas: int, train_size: Optional[int] = None,
         total_steps = steps_per_epoch * config.epochs
         epochs = config.epochs
     return Derived(num_replicas=num_replicas,
-                   per_replica_batch_size=config.global_batch_size // num_replicas,
+                   per_replica_batch_size=config.global_batch_size // divisor,
                    steps_per_epoch=steps_per_epoch, total_steps=total_steps, epochs=epochs,
                    train_size=train_size, eval_size=eval_size)

@@ -6,6 +6,7 @@ line (`error: ...`, exit code 2) without any TensorFlow log noise.
 """
 from __future__ import annotations
 
+import json
 import os
 
 from absl import flags
@@ -52,10 +53,18 @@ flags.DEFINE_enum("augment", "basic", cfg.AUGMENTS, "basic = random crop with 4p
                   "crop (area >= --crop_scale) + horizontal flip; none = neither.")
 flags.DEFINE_float("crop_scale", 1.0, "With --augment=rrc: minimum crop area fraction (reference "
                    "--scale); 1 = flip only.")
+flags.DEFINE_string("crop_ratio", "1,1", "With --augment=rrc: LOW,HIGH aspect-ratio (w/h) range of the "
+                    "random resized crop, sampled log-uniformly as timm (ImageNet: 0.75,1.3333333); "
+                    "1,1 = square crops.")
 flags.DEFINE_integer("randaug_n", 0, "RandAugment operations per image (reference --ra-n); 0 = off.")
 flags.DEFINE_float("randaug_m", 0.0, "RandAugment magnitude, torchvision scale 0..30 (reference --ra-m).")
+flags.DEFINE_float("randaug_mstd", 0.0, "RandAugment magnitude noise: each op's magnitude ~ "
+                   "N(randaug_m, randaug_mstd) clipped to [0, 30], torchvision scale (timm mstd0.5 = 1.5).")
 flags.DEFINE_float("jitter", 0.0, "Colour jitter strength (brightness = contrast = saturation).")
 flags.DEFINE_float("erase_prob", 0.0, "Random erasing probability per image (reference --reprob).")
+flags.DEFINE_enum("erase_mode", "const", cfg.ERASE_MODES, "Random erasing fill: const = the "
+                  "dataset mean colour (torchvision), pixel = per-pixel normal noise in normalized "
+                  "space (timm --remode pixel).")
 flags.DEFINE_float("mixup_alpha", 0.0, "MixUp Beta(alpha, alpha); 0 = off. Soft-label loss.")
 flags.DEFINE_float("cutmix_alpha", 0.0, "CutMix Beta(alpha, alpha) in (0, 1]; 0 = off. With MixUp, "
                    "one of the two per batch (probability 0.5).")
@@ -66,6 +75,12 @@ flags.DEFINE_integer("early_stopping_patience", 0, "Stop after this many epochs 
 flags.DEFINE_boolean("augment_on_device", False, "Run the heavy augmentations (crop_scale, RandAugment, "
                      "jitter, erasing, MixUp/CutMix) batched inside the training step on the "
                      "accelerator instead of in tf.data on the host CPU.")
+flags.DEFINE_boolean("decode_crop", True, "image_folder/tfrecord with --augment=rrc: decode only the "
+                     "crop window of JPEGs (false: decode whole images, then crop the same window).")
+flags.DEFINE_float("eval_crop_fraction", 1.0, "image_folder/tfrecord evaluation: resize the shorter side "
+                   "to image_size / fraction (bicubic), then centre-crop (timm crop_pct; ConvMixer: 0.96).")
+flags.DEFINE_integer("tfrecord_label_offset", 1, "--dataset=tfrecord: subtracted from image/class/label "
+                     "(TF's ImageNet tooling and the converter store labels 1..N).")
 # Optimization.
 flags.DEFINE_integer("global_batch_size", 128, "Batch size summed over all replicas.")
 flags.DEFINE_integer("epochs", 1, "Training epochs (ignored when --train_steps is set).")
@@ -73,6 +88,10 @@ flags.DEFINE_integer("train_steps", 0, "Total training steps; wins over --epochs
 flags.DEFINE_integer("steps_per_loop", 10, "Steps per tf.function call (host round trips amortised).")
 flags.DEFINE_float("learning_rate", 0.01, "Peak learning rate (AdamW).")
 flags.DEFINE_float("weight_decay", 0.01, "AdamW decoupled weight decay.")
+flags.DEFINE_boolean("wd_exclude_bias_bn", False, "No weight decay on biases and BatchNorm "
+                     "parameters (every 1-D parameter), as timm.")
+flags.DEFINE_integer("grad_accum_steps", 1, "Micro-batches per optimizer step: each step accumulates "
+                     "K micro-batches of global_batch_size / K (one all-reduce per step).")
 flags.DEFINE_float("adam_epsilon", 1e-8, "AdamW epsilon (PyTorch's default 1e-8; the paper's ImageNet "
                    "runs use 1e-3).")
 flags.DEFINE_enum("lr_schedule", "onecycle", cfg.LR_SCHEDULES, "onecycle = reference CIFAR schedule "
@@ -154,6 +173,22 @@ def validate(c: cfg.Config) -> None:
         raise UsageError(f"--num_classes={c.num_classes}: expected at least 2")
     if c.num_gpus < -1:
         raise UsageError(f"--num_gpus={c.num_gpus}: expected -1 (all visible) or a count >= 0")
+    try:
+        ratio = cfg.parse_crop_ratio(c.crop_ratio)
+    except ValueError:
+        raise UsageError(f"--crop_ratio={c.crop_ratio!r}: expected LOW,HIGH with 0 < LOW <= HIGH "
+                         "(e.g. 0.75,1.3333333)") from None
+    if ratio != (1.0, 1.0) and c.augment != "rrc":
+        raise UsageError(f"--crop_ratio={c.crop_ratio} applies to --augment=rrc (got --augment={c.augment})")
+    if not 0 < c.eval_crop_fraction <= 1:
+        raise UsageError(f"--eval_crop_fraction={c.eval_crop_fraction}: expected a fraction in (0, 1]")
+    if not 0 <= c.randaug_mstd <= 30:
+        raise UsageError(f"--randaug_mstd={c.randaug_mstd}: expected a standard deviation in [0, 30] "
+                         "(torchvision magnitude scale)")
+    _positive("grad_accum_steps", c.grad_accum_steps)
+    if c.global_batch_size % c.grad_accum_steps:
+        raise UsageError(f"--global_batch_size={c.global_batch_size} is not divisible by "
+                         f"--grad_accum_steps={c.grad_accum_steps}")
     if c.crop_scale < 1.0 and c.augment != "rrc":
         raise UsageError(f"--crop_scale={c.crop_scale} applies to --augment=rrc (got --augment={c.augment})")
     if c.image_size % c.patch_size:
@@ -173,6 +208,11 @@ def validate(c: cfg.Config) -> None:
     if c.data_dir and not os.path.exists(c.data_dir):
         raise UsageError(f"--data_dir={c.data_dir} does not exist: expected the folder holding "
                          f"the {c.dataset} files (or their .tar.gz)")
+    if c.dataset == "tfrecord" and c.validation_fraction:
+        raise UsageError("--validation_fraction needs random access to the training examples; "
+                         "--dataset=tfrecord reads them as streams (hold out shards instead)")
+    if c.dataset == "tfrecord" and not c.data_dir:
+        raise UsageError("--dataset=tfrecord needs --data_dir=DIR with train-* and validation-* shards")
     if c.dataset == "image_folder" and not c.data_dir:
         raise UsageError("--dataset=image_folder needs --data_dir=DIR with DIR/train/<class>/ and DIR/val/<class>/")
     if c.dataset == "synthetic" and c.data_dir:
@@ -190,6 +230,22 @@ def _count_class_folders(data_dir: str) -> int:
     return len([d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d))])
 
 
+def _tfrecord_classes(data_dir: str, num_classes: int) -> int:
+    """Classes of a TFRecord directory: DATA_DIR/class_names.json if the converter wrote it, else
+    --num_classes (TF's ImageNet tooling writes no names: pass --num_classes=1000)."""
+    path = os.path.join(data_dir or "", "class_names.json")
+    if not data_dir or not os.path.isfile(path):
+        return num_classes
+    try:
+        with open(path) as f:
+            names = json.load(f)
+    except (OSError, ValueError):
+        raise UsageError(f"{path}: not a JSON list of class names") from None
+    if not isinstance(names, list):
+        raise UsageError(f"{path}: not a JSON list of class names")
+    return len(names)
+
+
 def config_from_flags() -> cfg.Config:
     """Resolve presets, dataset defaults and overrides from parsed FLAGS into a validated Config."""
     preset = PRESETS[FLAGS.model]
@@ -204,8 +260,10 @@ def config_from_flags() -> cfg.Config:
         num_classes = FLAGS.num_classes
     if FLAGS.dataset == "image_folder":
         num_classes = _count_class_folders(FLAGS.data_dir)
+    if FLAGS.dataset == "tfrecord":
+        num_classes = _tfrecord_classes(FLAGS.data_dir, FLAGS.num_classes)
     image_size = FLAGS.image_size or cfg.NATIVE_IMAGE_SIZE.get(
-        FLAGS.dataset, preset["image_size"] if FLAGS.dataset == "image_folder" else 32)
+        FLAGS.dataset, preset["image_size"] if FLAGS.dataset in ("image_folder", "tfrecord") else 32)
     config = cfg.Config(
         strategy=FLAGS.strategy, num_gpus=FLAGS.num_gpus, cpu_replicas=FLAGS.cpu_replicas,
         all_reduce=FLAGS.all_reduce, cluster=FLAGS.cluster, collective_timeout=FLAGS.collective_timeout,
@@ -215,6 +273,10 @@ def config_from_flags() -> cfg.Config:
         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=image_size, num_classes=num_classes,
         synthetic_train_size=FLAGS.synthetic_train_size, synthetic_eval_size=FLAGS.synthetic_eval_size,
         augment=FLAGS.augment, crop_scale=FLAGS.crop_scale, randaug_n=FLAGS.randaug_n,
+        crop_ratio=FLAGS.crop_ratio, randaug_mstd=FLAGS.randaug_mstd, erase_mode=FLAGS.erase_mode,
+        decode_crop=FLAGS.decode_crop, eval_crop_fraction=FLAGS.eval_crop_fraction,
+        tfrecord_label_offset=FLAGS.tfrecord_label_offset, wd_exclude_bias_bn=FLAGS.wd_exclude_bias_bn,
+        grad_accum_steps=FLAGS.grad_accum_steps,
         randaug_m=FLAGS.randaug_m, jitter=FLAGS.jitter, erase_prob=FLAGS.erase_prob,
         mixup_alpha=FLAGS.mixup_alpha, cutmix_alpha=FLAGS.cutmix_alpha,
         augment_on_device=FLAGS.augment_on_device,

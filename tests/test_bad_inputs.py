@@ -63,6 +63,10 @@ CASES = {
     "early stopping without validation": (lambda tmp: (["--early_stopping_patience=3"], {}),
                                           "--validation_fraction"),
     "crop_scale without rrc": (lambda tmp: (["--crop_scale=0.5"], {}), "--crop_scale"),
+    "malformed crop_ratio": (lambda tmp: (["--augment=rrc", "--crop_ratio=4/3"], {}), "--crop_ratio"),
+    "eval_crop_fraction above 1": (lambda tmp: (["--eval_crop_fraction=1.5"], {}), "--eval_crop_fraction"),
+    "batch not divisible by grad_accum_steps": (lambda tmp: (["--grad_accum_steps=5"], {}),
+                                                "--grad_accum_steps=5"),
     "malformed profile_steps": (lambda tmp: (["--profile_steps=20,10"], {}), "--profile_steps"),
     "missing flagfile": (lambda tmp: (["--flagfile=configs/nope.flags"], {}), "nope.flags"),
 }
