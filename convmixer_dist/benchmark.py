@@ -258,7 +258,7 @@ def run_benchmark(config, variants: list[tuple[str, object]]) -> dict:
     policy = resolve_precision(config.precision, kind)
     xla = train.use_xla(config, kind)
     arrays = None if config.dataset == "synthetic" else data.load_arrays(config)
-    derived = derive(config, strategy.num_replicas_in_sync, *data.split_sizes(config, arrays))
+    derived = derive(config, strategy.num_replicas_in_sync, *data.trained_sizes(config, arrays))
     data.augment_spec(config).validate()
 
     device = _device_name(kind)

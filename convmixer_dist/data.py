@@ -9,6 +9,7 @@ never augmented and covers every example exactly once (the last, partial batch i
 """
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import pickle
@@ -57,10 +58,53 @@ def _decode_batch(blob: dict, label_key: bytes, source: str) -> tuple[np.ndarray
     return images, labels
 
 
-def _unpickle(fileobj, source: str) -> dict:
-    # The only pickle loading in the project: the official CIFAR distribution format.
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """`_codecs.encode` as Python 3 pickles bytes at protocol <= 2 (always latin1); no other codec."""
+    if encoding.replace("-", "").lower() != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode with codec {encoding!r}")
+    return text.encode("latin1")
+
+
+@functools.cache
+def _pickle_globals() -> dict[tuple[str, str], object]:
+    """The only callables a CIFAR file may name: numpy's array reconstruction under the module
+    names of numpy 1.x (`numpy.core`) and 2.x (`numpy._core`), and latin1 bytes (Python 3 writers)."""
     try:
-        return pickle.load(fileobj, encoding="bytes")
+        from numpy._core import multiarray, numeric  # numpy >= 2
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray, numeric
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+               ("_codecs", "encode"): _latin1_encode}
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
+    return allowed
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """The pickle names a callable that CIFAR files never contain."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that admits only what genuine CIFAR-10/100 files contain: dicts, lists, bytes,
+    str, numbers and numpy arrays. Anything else (a pickle can name any importable callable, e.g.
+    `os.system`) is refused before it is looked up, so loading a file never runs code from it."""
+
+    def find_class(self, module: str, name: str):
+        target = _pickle_globals().get((module, name))
+        if target is None:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return target
+
+
+def _unpickle(fileobj, source: str) -> dict:
+    # The only pickle loading in the project: the official CIFAR distribution format, restricted.
+    try:
+        return _CifarUnpickler(fileobj, encoding="bytes").load()
+    except _RefusedGlobal as err:
+        raise UsageError(f"{source} is not a CIFAR python-format file: it asks to call {err}, which "
+                         "CIFAR files never contain; refused without running it") from None
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a corrupt/foreign file
         raise UsageError(f"{source} is not a readable CIFAR python-format file "
                          f"({err.__class__.__name__})") from None
@@ -162,6 +206,14 @@ def split_sizes(config: Config, arrays: dict | None) -> tuple[int, int]:
     if "tfrecord" in arrays:
         return arrays["tfrecord"].train_size, arrays["tfrecord"].eval_size
     return len(arrays["train"][0]), len(arrays["test"][0])
+
+
+def trained_sizes(config: Config, arrays: dict | None) -> tuple[int, int]:
+    """(examples trained on: the training split minus the --validation_fraction hold-out,
+    evaluation examples): what `derive` must count, so steps per epoch match the training stream."""
+    full_train, eval_size = split_sizes(config, arrays)
+    held_out = validation_split(config, full_train)
+    return (full_train if held_out is None else len(held_out[0])), eval_size
 
 
 # --------------------------------------------------------------------------- synthetic data
@@ -291,6 +343,16 @@ def make_dataset_fn(config: Config, derived: Derived, split: str, arrays=None,
     mean, std = NORMALIZATION[config.dataset]
     batch = derived.per_replica_batch_size
     example = None if config.dataset == "tfrecord" else _example_fn(config, split, arrays)
+    if split != "eval" and ids is None:
+        # The split is a pure function of the config: a caller cannot forget it and train on the
+        # validation examples.
+        held_out = validation_split(config, split_sizes(config, arrays)[0])
+        ids = None if held_out is None else held_out[0 if split == "train" else 1]
+    if split == "val" and ids is None:
+        raise ValueError("the validation split needs --validation_fraction > 0")
+    if split == "train" and ids is not None and len(ids) != derived.train_size:
+        raise ValueError(f"derived.train_size={derived.train_size} but {len(ids)} training ids: "
+                         "derive() must count the training ids only")
     id_table = None if ids is None else tf.constant(ids, tf.int64)
 
     def train_examples(pipeline: int, pipelines: int) -> tf.data.Dataset:

@@ -7,6 +7,7 @@ line (`error: ...`, exit code 2) without any TensorFlow log noise.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from absl import flags
@@ -129,50 +130,61 @@ flags.DEFINE_boolean("overwrite", False, "Start fresh: move an existing --model_
 flags.DEFINE_integer("fault_inject_nan_at_step", 0, "Testing: make the loss NaN once at this step.")
 
 
-def _positive(name: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        expected = "a non-negative number" if allow_zero else "a positive number"
-        raise UsageError(f"--{name}={value}: expected {expected}")
+INT_LIMIT = 2 ** 31  # Step counts, sizes and seeds become int32/int64 TensorFlow values.
+# Each numeric flag's own range, checked whatever else is set: (low, high, bounds) where bounds is
+# "[]", "[)", "(]" or "()". Float flags must also be finite; the upper bounds refuse values that can
+# only be typos (--learning_rate=1e308 "trains" into NaN after writing checkpoints).
+RANGES: dict[str, tuple[float, float, str]] = {
+    # Distribution.
+    "num_gpus": (-1, 4096, "[]"), "cpu_replicas": (1, 1024, "[]"),
+    "collective_timeout": (0, 7 * 86400, "(]"),
+    # Model.
+    "hidden_dim": (1, 65536, "[]"), "depth": (1, 1024, "[]"), "kernel_size": (1, 1024, "[]"),
+    "patch_size": (1, 1024, "[]"), "dropout_rate": (0, 1, "[)"),
+    # Data.
+    "image_size": (1, 16384, "[]"), "num_classes": (2, 1_000_000, "[]"),
+    "synthetic_train_size": (1, INT_LIMIT, "[)"), "synthetic_eval_size": (1, INT_LIMIT, "[)"),
+    "crop_scale": (0, 1, "(]"), "randaug_n": (0, 10, "[]"), "randaug_m": (0, 30, "[]"),
+    "jitter": (0, 1, "[)"), "erase_prob": (0, 1, "[]"), "mixup_alpha": (0, 100, "[]"),
+    "cutmix_alpha": (0, 1, "[]"), "validation_fraction": (0, 1, "[)"),
+    "randaug_mstd": (0, 30, "[]"), "eval_crop_fraction": (0, 1, "(]"),
+    "tfrecord_label_offset": (-1_000_000, 1_000_000, "[]"),
+    "early_stopping_patience": (0, INT_LIMIT, "[)"),
+    # Optimization.
+    "global_batch_size": (1, INT_LIMIT, "[)"), "epochs": (1, INT_LIMIT, "[)"),
+    "train_steps": (0, INT_LIMIT, "[)"), "steps_per_loop": (1, INT_LIMIT, "[)"),
+    "learning_rate": (0, 10, "(]"), "weight_decay": (0, 10, "[]"), "adam_epsilon": (0, 1, "(]"),
+    "warmup_steps": (0, INT_LIMIT, "[)"), "label_smoothing": (0, 1, "[)"),
+    "clip_norm": (0, 1e6, "[]"), "grad_accum_steps": (1, 65536, "[]"),
+    # Output.
+    "checkpoint_every_steps": (1, INT_LIMIT, "[)"), "keep_checkpoints": (1, 100000, "[]"),
+    "log_every_steps": (0, INT_LIMIT, "[)"), "profiler_port": (0, 65535, "[]"),
+    "profile_host_tracer_level": (1, 3, "[]"), "profile_python_tracer_level": (0, 1, "[]"),
+    "seed": (0, INT_LIMIT, "[)"),
+    # Reliability.
+    "nan_max_rollbacks": (0, 1000, "[]"), "nan_lr_factor": (0, 1, "()"),
+    "fault_inject_nan_at_step": (0, INT_LIMIT, "[)"),
+}
 
 
-def _fraction(name: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise UsageError(f"--{name}={value}: expected a value in [0, 1)")
+def check_range(name: str, value: float, low: float, high: float, bounds: str) -> None:
+    """UsageError naming `--name` unless `value` is a finite number inside the interval."""
+    inside = ((isinstance(value, int) or math.isfinite(value))
+              and (low <= value if bounds[0] == "[" else low < value)
+              and (value <= high if bounds[1] == "]" else value < high))
+    if not inside:
+        kind = "an integer" if isinstance(value, int) else "a finite number"
+        raise UsageError(f"--{name}={value}: expected {kind} in {bounds[0]}{low:g}, {high:g}{bounds[1]}")
 
 
 def validate(c: cfg.Config) -> None:
-    """Raise UsageError (one line naming the flag) for any invalid combination of values."""
-    for name in ("hidden_dim", "depth", "kernel_size", "patch_size", "image_size", "num_classes",
-                 "global_batch_size", "steps_per_loop", "checkpoint_every_steps", "keep_checkpoints",
-                 "synthetic_train_size", "synthetic_eval_size", "cpu_replicas",
-                 "learning_rate", "collective_timeout"):
-        _positive(name, getattr(c, name))
-    for name in ("train_steps", "warmup_steps", "weight_decay", "clip_norm", "log_every_steps",
-                 "nan_max_rollbacks", "fault_inject_nan_at_step"):
-        _positive(name, getattr(c, name), allow_zero=True)
-    if c.train_steps == 0:
-        _positive("epochs", c.epochs)
-    for name in ("dropout_rate", "label_smoothing"):
-        _fraction(name, getattr(c, name))
-    _fraction("validation_fraction", c.validation_fraction)
-    _positive("adam_epsilon", c.adam_epsilon)
-    _positive("early_stopping_patience", c.early_stopping_patience, allow_zero=True)
+    """Raise UsageError (one line naming the flag) for any invalid value or combination of values."""
+    for name, (low, high, bounds) in RANGES.items():
+        check_range(name, getattr(c, name), low, high, bounds)
     if c.early_stopping_patience and not c.validation_fraction:
         raise UsageError("--early_stopping_patience needs --validation_fraction > 0 (the test split is "
                          "never used for model selection)")
     parse_profile_steps(c.profile_steps)
-    if not 0 <= c.profiler_port <= 65535:
-        raise UsageError(f"--profiler_port={c.profiler_port}: expected a TCP port (0 = off)")
-    if not 1 <= c.profile_host_tracer_level <= 3:
-        raise UsageError(f"--profile_host_tracer_level={c.profile_host_tracer_level}: expected 1, 2 or 3")
-    if c.profile_python_tracer_level not in (0, 1):
-        raise UsageError(f"--profile_python_tracer_level={c.profile_python_tracer_level}: expected 0 or 1")
-    if not 0.0 < c.nan_lr_factor < 1.0:
-        raise UsageError(f"--nan_lr_factor={c.nan_lr_factor}: expected a value in (0, 1)")
-    if c.num_classes < 2:
-        raise UsageError(f"--num_classes={c.num_classes}: expected at least 2")
-    if c.num_gpus < -1:
-        raise UsageError(f"--num_gpus={c.num_gpus}: expected -1 (all visible) or a count >= 0")
     try:
         ratio = cfg.parse_crop_ratio(c.crop_ratio)
     except ValueError:
@@ -180,12 +192,6 @@ def validate(c: cfg.Config) -> None:
                          "(e.g. 0.75,1.3333333)") from None
     if ratio != (1.0, 1.0) and c.augment != "rrc":
         raise UsageError(f"--crop_ratio={c.crop_ratio} applies to --augment=rrc (got --augment={c.augment})")
-    if not 0 < c.eval_crop_fraction <= 1:
-        raise UsageError(f"--eval_crop_fraction={c.eval_crop_fraction}: expected a fraction in (0, 1]")
-    if not 0 <= c.randaug_mstd <= 30:
-        raise UsageError(f"--randaug_mstd={c.randaug_mstd}: expected a standard deviation in [0, 30] "
-                         "(torchvision magnitude scale)")
-    _positive("grad_accum_steps", c.grad_accum_steps)
     if c.global_batch_size % c.grad_accum_steps:
         raise UsageError(f"--global_batch_size={c.global_batch_size} is not divisible by "
                          f"--grad_accum_steps={c.grad_accum_steps}")

@@ -371,7 +371,7 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
     def train_until_done(watcher: PreemptionWatcher) -> dict:
         nonlocal nan_at_step
         step = int(step_var.numpy())
-        iterator = iter(data.train_dataset(strategy, config, derived, arrays, step))
+        iterator = iter(data.train_dataset(strategy, config, derived, arrays, step, ids=train_ids))
         metrics: dict = {}
         first_call = True
         while step < derived.total_steps:

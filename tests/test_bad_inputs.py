@@ -2,6 +2,7 @@
 no traceback, and nothing written."""
 import json
 import os
+import pickle
 
 import pytest
 
@@ -17,6 +18,18 @@ def corrupt_cifar(tmp):
     folder = write_cifar10(str(tmp / "data"), train_sizes=(8, 8), test_size=4)
     with open(os.path.join(folder, "data_batch_2"), "wb") as f:
         f.write(b"\x80\x04garbage")
+    return ["--dataset=cifar10", f"--data_dir={tmp / 'data'}", "--image_size=32"], {}
+
+
+def crafted_pickle(tmp):
+    folder = write_cifar10(str(tmp / "data"), train_sizes=(8,), test_size=4)
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp / 'data' / 'payload_ran'}",)
+
+    with open(os.path.join(folder, "data_batch_1"), "wb") as f:
+        pickle.dump({b"data": b"", b"labels": [], b"x": Payload()}, f)
     return ["--dataset=cifar10", f"--data_dir={tmp / 'data'}", "--image_size=32"], {}
 
 
@@ -54,6 +67,11 @@ CASES = {
                          "--data_dir"),
     "data dir without cifar files": (empty_cifar, "--data_dir"),
     "corrupt data file": (corrupt_cifar, "data_batch_2"),
+    "crafted pickle (payload must not run)": (crafted_pickle, "data_batch_1"),
+    "NaN learning rate": (lambda tmp: (["--learning_rate=nan"], {}), "--learning_rate=nan"),
+    "infinite weight decay": (lambda tmp: (["--weight_decay=inf"], {}), "--weight_decay=inf"),
+    "absurd learning rate": (lambda tmp: (["--learning_rate=1e308"], {}), "--learning_rate"),
+    "negative epochs beside train_steps": (lambda tmp: (["--epochs=-3"], {}), "--epochs=-3"),
     "TF_CONFIG missing": (tf_config(None), "TF_CONFIG"),
     "TF_CONFIG malformed": (tf_config("{not json"), "TF_CONFIG"),
     "TF_CONFIG with one worker": (

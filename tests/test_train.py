@@ -136,6 +136,25 @@ def test_early_stopping_on_validation_restores_the_best_weights(tmp_path):
     assert summary["eval_examples"] == 100  # the test split, untouched by the validation split
 
 
+def test_memorising_noise_stays_at_chance_on_the_validation_split(tmp_path):
+    # Random images with random labels: the only way to score on validation is to have trained on it.
+    import re
+
+    from cifar_files import write_cifar10
+
+    write_cifar10(str(tmp_path / "data"), train_sizes=(200, 200), test_size=20)
+    config = tiny_config(str(tmp_path / "run"), dataset="cifar10", data_dir=str(tmp_path / "data"),
+                         num_classes=10, image_size=8, hidden_dim=64, depth=2, augment="none",
+                         validation_fraction=0.5, train_steps=0, epochs=25, global_batch_size=20,
+                         steps_per_loop=10, checkpoint_every_steps=100000, weight_decay=0.0,
+                         lr_schedule="constant")
+    _, out = _train(config)
+    train_acc = [float(a) for a in re.findall(r"step \d+/\d+ loss \S+ acc (\S+)", out)]
+    val_acc = [float(a) for a in re.findall(r"validation loss \S+ acc (\S+)", out)]
+    assert len(val_acc) == 25 and train_acc[-1] > 0.95  # memorised the training half
+    assert max(val_acc[-5:]) < 0.2  # chance is 0.1; the leak gave 0.55
+
+
 def _no_bn_model(config):
     """A model without BatchNorm (its statistics depend on the micro-batch), with biases."""
     return keras.Sequential([keras.Input((config.image_size, config.image_size, 3)),
