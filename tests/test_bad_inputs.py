@@ -2,6 +2,7 @@
 no traceback, and nothing written."""
 import json
 import os
+import pickle
 
 import pytest
 
@@ -17,6 +18,18 @@ def corrupt_cifar(tmp):
     folder = write_cifar10(str(tmp / "data"), train_sizes=(8, 8), test_size=4)
     with open(os.path.join(folder, "data_batch_2"), "wb") as f:
         f.write(b"\x80\x04garbage")
+    return ["--dataset=cifar10", f"--data_dir={tmp / 'data'}", "--image_size=32"], {}
+
+
+def crafted_pickle(tmp):
+    folder = write_cifar10(str(tmp / "data"), train_sizes=(8,), test_size=4)
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp / 'data' / 'payload_ran'}",)
+
+    with open(os.path.join(folder, "data_batch_1"), "wb") as f:
+        pickle.dump({b"data": b"", b"labels": [], b"x": Payload()}, f)
     return ["--dataset=cifar10", f"--data_dir={tmp / 'data'}", "--image_size=32"], {}
 
 
@@ -54,6 +67,11 @@ CASES = {
                          "--data_dir"),
     "data dir without cifar files": (empty_cifar, "--data_dir"),
     "corrupt data file": (corrupt_cifar, "data_batch_2"),
+    "crafted pickle (payload must not run)": (crafted_pickle, "data_batch_1"),
+    "NaN learning rate": (lambda tmp: (["--learning_rate=nan"], {}), "--learning_rate=nan"),
+    "infinite weight decay": (lambda tmp: (["--weight_decay=inf"], {}), "--weight_decay=inf"),
+    "absurd learning rate": (lambda tmp: (["--learning_rate=1e308"], {}), "--learning_rate"),
+    "negative epochs beside train_steps": (lambda tmp: (["--epochs=-3"], {}), "--epochs=-3"),
     "TF_CONFIG missing": (tf_config(None), "TF_CONFIG"),
     "TF_CONFIG malformed": (tf_config("{not json"), "TF_CONFIG"),
     "TF_CONFIG with one worker": (
@@ -63,6 +81,10 @@ CASES = {
     "early stopping without validation": (lambda tmp: (["--early_stopping_patience=3"], {}),
                                           "--validation_fraction"),
     "crop_scale without rrc": (lambda tmp: (["--crop_scale=0.5"], {}), "--crop_scale"),
+    "malformed crop_ratio": (lambda tmp: (["--augment=rrc", "--crop_ratio=4/3"], {}), "--crop_ratio"),
+    "eval_crop_fraction above 1": (lambda tmp: (["--eval_crop_fraction=1.5"], {}), "--eval_crop_fraction"),
+    "batch not divisible by grad_accum_steps": (lambda tmp: (["--grad_accum_steps=5"], {}),
+                                                "--grad_accum_steps=5"),
     "malformed profile_steps": (lambda tmp: (["--profile_steps=20,10"], {}), "--profile_steps"),
     "missing flagfile": (lambda tmp: (["--flagfile=configs/nope.flags"], {}), "nope.flags"),
 }
