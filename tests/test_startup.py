@@ -88,7 +88,7 @@ def test_sigterm_while_waiting_for_peers_stops_the_worker_at_once(tmp_path):
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert time.monotonic() - sent < 3
+    assert time.monotonic() - sent < 10  # seconds (interpreter exit under load), not the 300 s bound
     assert proc.returncode == startup.EXIT_PREEMPTED  # nothing trained yet: a rerun starts over
     assert _error_lines(err) == ["preempted: SIGTERM during multi-worker start-up (waiting for peers); "
                                  "nothing to save, rerun the same command to resume"]
@@ -114,7 +114,7 @@ def test_sigterm_while_tensorflow_creates_the_strategy_stops_the_worker(tmp_path
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert time.monotonic() - sent < 3
+    assert time.monotonic() - sent < 10  # seconds (interpreter exit under load), not the 300 s bound
     assert proc.returncode == -signal.SIGKILL  # stopped by the watchdog process
     lines = _error_lines(err)
     assert len(lines) == 1 and lines[0].startswith("preempted: SIGTERM during multi-worker start-up "
