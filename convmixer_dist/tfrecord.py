@@ -19,10 +19,11 @@ run would be. Evaluation reads the validation shards once, in order, sharded the
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -205,6 +206,19 @@ def eval_records(files: Sequence[str], counts: Sequence[int], pipeline: int, pip
     mine, _, per_example = pipeline_files(files, counts, pipeline, pipelines)
     ds = tf.data.TFRecordDataset(mine, num_parallel_reads=min(len(mine), CYCLE_LENGTH))
     return ds.shard(pipelines, pipeline) if per_example else ds
+
+
+@contextlib.contextmanager
+def reporting_record_errors(data_dir: str) -> Iterator[None]:
+    """Wrap the loop consuming a TFRecord dataset: a corrupt record or a foreign record layout met
+    mid-run becomes a one-line UsageError instead of a TensorFlow traceback."""
+    try:
+        yield
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as err:
+        usage = records_error(err, data_dir)
+        if usage is None:
+            raise
+        raise usage from None
 
 
 def records_error(err: Exception, data_dir: str) -> UsageError | None:

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from convmixer_dist import data, image_folder, optimization, rundir
+from convmixer_dist import data, image_folder, optimization, rundir, tfrecord
 from convmixer_dist.checkpoint import CheckpointSaver
 from convmixer_dist.config import Config, Derived, derive
 from convmixer_dist.model import build_convmixer, count_params
@@ -440,8 +440,12 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
         return metrics
 
     # A corrupt image surfaces as a decode error mid-run; name the file in one line.
-    corrupt_files = (image_folder.reporting_corrupt_files(list(arrays["train"][0]) + list(arrays["test"][0]))
-                     if config.dataset == "image_folder" else contextlib.nullcontext())
+    if config.dataset == "image_folder":
+        corrupt_files = image_folder.reporting_corrupt_files(list(arrays["train"][0]) + list(arrays["test"][0]))
+    elif config.dataset == "tfrecord":
+        corrupt_files = tfrecord.reporting_record_errors(config.data_dir)
+    else:
+        corrupt_files = contextlib.nullcontext()
     with PreemptionWatcher(strategy) as watcher, corrupt_files:
         while True:
             try:
