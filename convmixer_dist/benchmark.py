@@ -50,7 +50,8 @@ flags.DEFINE_list("variants", [], "Extra input-excluded runs of the custom loop,
                   "precision=mixed_bfloat16,precision=mixed_float16,xla=on. Settings: "
                   "precision, xla, steps_per_loop, sync_bn, augment_on_device.")
 flags.DEFINE_integer("fit_steps_per_execution", 1, "model.fit's steps_per_execution (Keras default 1).")
-flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU; 0 = from the GPU table (none on CPU).")
+flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU; 0 = from the GPU table, or on "
+                   "CPU (float32) cores x clock x SIMD width x 2 FMA units x 2 (see flops.cpu_peak).")
 flags.DEFINE_string("output", "runs/benchmark.json", "Where to write the JSON result.")
 flags.adopt_module_key_flags(cli)
 
@@ -134,6 +135,25 @@ def _device_name(kind: str) -> str:
     except OSError:
         pass
     return platform.processor() or "CPU"
+
+
+def device_peak(kind: str, device: str, policy: str) -> tuple[float | None, str]:
+    """Peak TFLOP/s for MFU and where it comes from: --peak_tflops, the GPU table, or on CPU (float32
+    only; half-precision CPU peaks depend on units like AMX that a formula would guess) the vector
+    FMA formula of `flops.cpu_peak`."""
+    from convmixer_dist import flops
+
+    if FLAGS.peak_tflops:
+        return FLAGS.peak_tflops, "--peak_tflops"
+    if kind == "gpu":
+        peak = flops.peak_tflops(device, policy)
+        return peak, "GPU datasheet table (flops.PEAK_TFLOPS)" if peak else "unknown GPU: pass --peak_tflops"
+    if policy != "float32":
+        return None, f"no CPU formula for {policy}: pass --peak_tflops"
+    computed = flops.read_cpu_peak(len(os.sched_getaffinity(0)))
+    if computed is None:
+        return None, "CPU clock or vector width unreadable: pass --peak_tflops"
+    return computed
 
 
 def _cached_dataset_fn(config, derived, arrays) -> Callable:
@@ -271,7 +291,8 @@ def run_benchmark(config, variants: list[tuple[str, object]]) -> dict:
     data.augment_spec(config).validate()
 
     device = _device_name(kind)
-    peak = FLAGS.peak_tflops or (flops.peak_tflops(device, policy) if kind == "gpu" else None)
+    peak, peak_source = device_peak(kind, device, policy)
+    print(f"peak for MFU: {peak_source}", flush=True)
     model, optimizer = _build(strategy, config, derived, policy)
     forward = flops.model_flops(model)
     train_flops = flops.TRAINING_MULTIPLIER * forward
@@ -291,7 +312,7 @@ def run_benchmark(config, variants: list[tuple[str, object]]) -> dict:
                   "keras": keras.__version__, "python": platform.python_version(),
                   "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])},
         "flops_per_image_forward": forward, "flops_per_image_train": train_flops,
-        "peak_tflops": peak, "runs": {},
+        "peak_tflops": peak, "peak_source": peak_source, "runs": {},
     }
     images_per_window = FLAGS.window_steps * config.global_batch_size
 
@@ -300,7 +321,7 @@ def run_benchmark(config, variants: list[tuple[str, object]]) -> dict:
         run = throughput_fields(median_rate(seconds, images_per_window), config.global_batch_size,
                                 train_flops, peak)
         result["runs"][name] = run
-        mfu = f", MFU {run['mfu']:.1%}" if run["mfu"] is not None else ""
+        mfu = f", MFU {run['mfu']:.1%} of {peak:.3f}" if run["mfu"] is not None else ", MFU n/a"
         print(f"{name}: {run['images_per_sec']:,.1f} img/s (median of {FLAGS.windows}), step "
               f"{run['step_time_ms']:.1f} ms, {run['achieved_tflops']:.3f} TFLOP/s{mfu}", flush=True)
 
