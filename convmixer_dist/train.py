@@ -202,11 +202,28 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
     kind = device_kind(strategy)
     policy = resolve_precision(config.precision, kind)
     previous_policy = keras.mixed_precision.dtype_policy()
+    was_deterministic = _op_determinism_enabled()
     keras.mixed_precision.set_dtype_policy(policy)
     try:
         return _train_and_evaluate(config, strategy, chief, kind, policy, wall_start)
-    finally:
+    finally:  # Process-wide settings go back to what the caller had.
         keras.mixed_precision.set_dtype_policy(previous_policy)
+        if not was_deterministic:
+            _disable_op_determinism()
+
+
+def _op_determinism_enabled() -> bool:
+    """Whether `tf.config.experimental.enable_op_determinism()` is in force (no public getter)."""
+    from tensorflow.python.framework import config as tf_config
+
+    return tf_config.is_op_determinism_enabled()
+
+
+def _disable_op_determinism() -> None:
+    """Undo `enable_op_determinism` (TensorFlow has no public function for it)."""
+    from tensorflow.python.framework import config as tf_config
+
+    tf_config.disable_op_determinism()
 
 
 def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> dict:
