@@ -18,7 +18,8 @@ from convmixer_dist.errors import UsageError
 from convmixer_dist.presets import ACTIVATIONS, PRESETS
 
 STRATEGIES = ("one_device", "mirrored", "multi_worker")
-DATASETS = ("cifar10", "cifar100", "synthetic", "image_folder")
+DATASETS = ("cifar10", "cifar100", "synthetic", "image_folder", "tfrecord")
+ERASE_MODES = ("const", "pixel")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 LR_SCHEDULES = ("onecycle", "cosine", "constant")
 AUGMENTS = ("none", "basic", "rrc")
@@ -111,6 +112,17 @@ def check_setting(name: str, value: Any) -> None:
         check_range(name, value, *meta["bounds"])
 
 
+def parse_crop_ratio(text: str) -> tuple[float, float]:
+    """--crop_ratio '0.75,1.3333' -> (0.75, 1.3333); ValueError unless 0 < LOW <= HIGH (finite)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 2:
+        raise ValueError(text)
+    low, high = (float(p) for p in parts)
+    if not (0 < low <= high and math.isfinite(high)):
+        raise ValueError(text)
+    return low, high
+
+
 def flag_text(value) -> str:
     """A value as it appears after `--name=` in a flagfile."""
     if isinstance(value, bool):
@@ -146,6 +158,9 @@ class Config:
                            "environment (under srun), or auto.", choices=CLUSTERS)
     collective_timeout: float = setting(300.0, "Seconds before a collective op gives up on a dead peer "
                                         "(multi_worker).", bounds=(0, 7 * 86400, "(]"))
+    startup_timeout: float = setting(300.0, "multi_worker: seconds a worker waits for all its peers at "
+                                     "start-up before exiting with one line naming the missing task.",
+                                     bounds=(0, 7 * 86400, "(]"))
     # Model (resolved from --model plus overrides).
     model: str = setting("convmixer_256_8", "Model preset; the flags below override it.", choices=MODELS)
     hidden_dim: int = setting(256, "Channels h (preset's if unset).", unset="preset",
@@ -179,14 +194,23 @@ class Config:
                            "--crop_scale) + horizontal flip; none = neither.", choices=AUGMENTS)
     crop_scale: float = setting(1.0, "With --augment=rrc: minimum crop area fraction (reference "
                                 "--scale); 1 = flip only.", bounds=(0, 1, "(]"))
+    crop_ratio: str = setting("1,1", "With --augment=rrc: LOW,HIGH aspect-ratio (w/h) range of the random "
+                              "resized crop, sampled log-uniformly as timm (ImageNet: 0.75,1.3333333); "
+                              "1,1 = square crops.")
     randaug_n: int = setting(0, "RandAugment operations per image (reference --ra-n); 0 = off.",
                              bounds=(0, 10, "[]"))
     randaug_m: float = setting(0.0, "RandAugment magnitude, torchvision scale 0..30 (reference --ra-m).",
                                bounds=(0, 30, "[]"))
+    randaug_mstd: float = setting(0.0, "RandAugment magnitude noise: each op's magnitude ~ "
+                                  "N(randaug_m, randaug_mstd) clipped to [0, 30], torchvision scale "
+                                  "(timm mstd0.5 = 1.5).", bounds=(0, 30, "[]"))
     jitter: float = setting(0.0, "Colour jitter strength (brightness = contrast = saturation).",
                             bounds=(0, 1, "[)"))
     erase_prob: float = setting(0.0, "Random erasing probability per image (reference --reprob).",
                                 bounds=(0, 1, "[]"))
+    erase_mode: str = setting("const", "Random erasing fill: const = the dataset mean colour "
+                              "(torchvision), pixel = per-pixel normal noise in normalized space (timm "
+                              "--remode pixel).", choices=ERASE_MODES)
     mixup_alpha: float = setting(0.0, "MixUp Beta(alpha, alpha); 0 = off. Soft-label loss.",
                                  bounds=(0, 100, "[]"))
     cutmix_alpha: float = setting(0.0, "CutMix Beta(alpha, alpha) in (0, 1]; 0 = off. With MixUp, one "
@@ -194,6 +218,14 @@ class Config:
     augment_on_device: bool = setting(False, "Run the heavy augmentations (crop_scale, RandAugment, "
                                       "jitter, erasing, MixUp/CutMix) batched inside the training step on "
                                       "the accelerator instead of in tf.data on the host CPU.")
+    decode_crop: bool = setting(True, "image_folder/tfrecord with --augment=rrc: decode only the crop "
+                                "window of JPEGs (false: decode whole images, then crop the same window).")
+    eval_crop_fraction: float = setting(1.0, "image_folder/tfrecord evaluation: resize the shorter side to "
+                                        "image_size / fraction (bicubic), then centre-crop (timm crop_pct; "
+                                        "ConvMixer: 0.96).", bounds=(0, 1, "(]"))
+    tfrecord_label_offset: int = setting(1, "--dataset=tfrecord: subtracted from image/class/label (TF's "
+                                         "ImageNet tooling and make_tfrecords store labels 1..N).",
+                                         bounds=(-1_000_000, 1_000_000, "[]"))
     validation_fraction: float = setting(0.0, "Hold out this fraction of the training split (seeded) as "
                                          "a validation set evaluated each epoch; the test split is "
                                          "evaluated at the end.", bounds=(0, 1, "[)"))
@@ -211,6 +243,11 @@ class Config:
                                   bounds=(1, INT_LIMIT, "[)"))
     learning_rate: float = setting(0.01, "Peak learning rate (AdamW).", bounds=(0, 10, "(]"))
     weight_decay: float = setting(0.01, "AdamW decoupled weight decay.", bounds=(0, 10, "[]"))
+    wd_exclude_bias_bn: bool = setting(False, "No weight decay on biases and BatchNorm parameters (every "
+                                       "1-D parameter), as timm.")
+    grad_accum_steps: int = setting(1, "Micro-batches per optimizer step: each step accumulates K "
+                                    "micro-batches of global_batch_size / K (one all-reduce per step).",
+                                    bounds=(1, 65536, "[]"))
     adam_epsilon: float = setting(1e-8, "AdamW epsilon (PyTorch's default 1e-8; the paper's ImageNet runs "
                                   "use 1e-3).", bounds=(0, 1, "(]"))
     lr_schedule: str = setting("onecycle", "onecycle = reference CIFAR schedule (0 -> max at 2/5 -> "
@@ -275,7 +312,7 @@ class Derived:
     """Values computed from the config and the number of replicas."""
 
     num_replicas: int
-    per_replica_batch_size: int
+    per_replica_batch_size: int  # examples per replica per micro-batch (global / replicas / accum)
     steps_per_epoch: int
     total_steps: int
     epochs: int
@@ -293,10 +330,12 @@ def dataset_sizes(config: Config) -> tuple[int, int]:
 def derive(config: Config, num_replicas: int, train_size: Optional[int] = None,
            eval_size: Optional[int] = None) -> Derived:
     """Per-replica batch, steps per epoch and total steps; `--train_steps` wins over `--epochs`."""
-    if config.global_batch_size % num_replicas:
+    divisor = num_replicas * config.grad_accum_steps  # each replica's micro-batch must be whole
+    if config.global_batch_size % divisor:
+        accum = f" x --grad_accum_steps={config.grad_accum_steps}" if config.grad_accum_steps > 1 else ""
         raise UsageError(
             f"--global_batch_size={config.global_batch_size} is not divisible by the "
-            f"{num_replicas} replicas of --strategy={config.strategy}; use a multiple of {num_replicas}")
+            f"{num_replicas} replicas of --strategy={config.strategy}{accum}; use a multiple of {divisor}")
     default_train, default_eval = dataset_sizes(config) if config.dataset in DATASET_SIZES or \
         config.dataset == "synthetic" else (0, 0)
     train_size = default_train if train_size is None else train_size
@@ -312,6 +351,6 @@ def derive(config: Config, num_replicas: int, train_size: Optional[int] = None,
         total_steps = steps_per_epoch * config.epochs
         epochs = config.epochs
     return Derived(num_replicas=num_replicas,
-                   per_replica_batch_size=config.global_batch_size // num_replicas,
+                   per_replica_batch_size=config.global_batch_size // divisor,
                    steps_per_epoch=steps_per_epoch, total_steps=total_steps, epochs=epochs,
                    train_size=train_size, eval_size=eval_size)

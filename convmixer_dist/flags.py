@@ -9,6 +9,7 @@ fraction of a second and produces one line (`error: ...`, exit code 2) without a
 """
 from __future__ import annotations
 
+import json
 import os
 import types
 from typing import Any, Callable, Optional
@@ -50,6 +51,16 @@ def validate(c: cfg.Config) -> None:
         raise UsageError("--early_stopping_patience needs --validation_fraction > 0 (the test split is "
                          "never used for model selection)")
     parse_profile_steps(c.profile_steps)
+    try:
+        ratio = cfg.parse_crop_ratio(c.crop_ratio)
+    except ValueError:
+        raise UsageError(f"--crop_ratio={c.crop_ratio!r}: expected LOW,HIGH with 0 < LOW <= HIGH "
+                         "(e.g. 0.75,1.3333333)") from None
+    if ratio != (1.0, 1.0) and c.augment != "rrc":
+        raise UsageError(f"--crop_ratio={c.crop_ratio} applies to --augment=rrc (got --augment={c.augment})")
+    if c.global_batch_size % c.grad_accum_steps:
+        raise UsageError(f"--global_batch_size={c.global_batch_size} is not divisible by "
+                         f"--grad_accum_steps={c.grad_accum_steps}")
     if c.crop_scale < 1.0 and c.augment != "rrc":
         raise UsageError(f"--crop_scale={c.crop_scale} applies to --augment=rrc (got --augment={c.augment})")
     if c.image_size % c.patch_size:
@@ -69,6 +80,11 @@ def validate(c: cfg.Config) -> None:
     if c.data_dir and not os.path.exists(c.data_dir):
         raise UsageError(f"--data_dir={c.data_dir} does not exist: expected the folder holding "
                          f"the {c.dataset} files (or their .tar.gz)")
+    if c.dataset == "tfrecord" and c.validation_fraction:
+        raise UsageError("--validation_fraction needs random access to the training examples; "
+                         "--dataset=tfrecord reads them as streams (hold out shards instead)")
+    if c.dataset == "tfrecord" and not c.data_dir:
+        raise UsageError("--dataset=tfrecord needs --data_dir=DIR with train-* and validation-* shards")
     if c.dataset == "image_folder" and not c.data_dir:
         raise UsageError("--dataset=image_folder needs --data_dir=DIR with DIR/train/<class>/ and DIR/val/<class>/")
     if c.dataset == "synthetic" and c.data_dir:
@@ -84,6 +100,22 @@ def _count_class_folders(data_dir: str) -> int:
         raise UsageError(f"--data_dir={data_dir!r}: --dataset=image_folder expects DIR/train/<class>/*.jpg "
                          "and DIR/val/<class>/*.jpg")
     return len([d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d))])
+
+
+def _tfrecord_classes(data_dir: str, num_classes: int) -> int:
+    """Classes of a TFRecord directory: DATA_DIR/class_names.json if the converter wrote it, else
+    --num_classes (TF's ImageNet tooling writes no names: pass --num_classes=1000)."""
+    path = os.path.join(data_dir or "", "class_names.json")
+    if not data_dir or not os.path.isfile(path):
+        return num_classes
+    try:
+        with open(path) as f:
+            names = json.load(f)
+    except (OSError, ValueError):
+        raise UsageError(f"{path}: not a JSON list of class names") from None
+    if not isinstance(names, list):
+        raise UsageError(f"{path}: not a JSON list of class names")
+    return len(names)
 
 
 def values_from_flags(flag_values: flags.FlagValues = FLAGS) -> dict[str, Any]:
@@ -104,8 +136,10 @@ def resolve(values: dict[str, Any]) -> cfg.Config:
         values["num_classes"] = cfg.DATASET_CLASSES[dataset]
     if dataset == "image_folder":
         values["num_classes"] = _count_class_folders(values["data_dir"])
+    if dataset == "tfrecord":
+        values["num_classes"] = _tfrecord_classes(values["data_dir"], values["num_classes"])
     values["image_size"] = values["image_size"] or cfg.NATIVE_IMAGE_SIZE.get(
-        dataset, preset["image_size"] if dataset == "image_folder" else 32)
+        dataset, preset["image_size"] if dataset in ("image_folder", "tfrecord") else 32)
     config = cfg.Config(**values)
     validate(config)
     return config

@@ -33,6 +33,9 @@ def main(args: list[str], opts: types.SimpleNamespace) -> dict:
     config = cli.config_from_flags()
     # TensorFlow loads only after the flags are valid; strategy first, because
     # MultiWorkerMirroredStrategy must exist before any other TensorFlow op.
+    if config.strategy == "multi_worker":  # Before TensorFlow's import; see startup.py.
+        from convmixer_dist import startup
+        startup.block_stop_signals()
     from convmixer_dist.runtime import quiet_tensorflow_import
     quiet_tensorflow_import()
     from convmixer_dist import strategy as strategy_lib
