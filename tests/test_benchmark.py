@@ -45,14 +45,16 @@ def test_benchmark_all_runs_on_two_replicas_write_valid_json(tmp_path):
 def test_variants_rerun_the_custom_loop_with_one_setting_changed(tmp_path):
     out = tmp_path / "variants.json"
     proc = run_cli("convmixer_dist.perf.benchmark", *TINY, "--windows=2", "--pipeline=excluded",
-                   "--variants=precision=mixed_bfloat16,steps_per_loop=4", f"--output={out}")
+                   "--variants=precision=mixed_bfloat16,steps_per_loop=4,kernels=keras", f"--output={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     bf16 = result["runs"]["custom_input_excluded[precision=mixed_bfloat16]"]
     assert bf16["precision"] == "mixed_bfloat16" and bf16["images_per_sec"] > 0
     assert result["runs"]["custom_input_excluded"]["images_per_sec"] > 0
     ratios = result["variant_over_base"]
-    assert set(ratios) == {"precision=mixed_bfloat16", "steps_per_loop=4"}
+    assert set(ratios) == {"precision=mixed_bfloat16", "steps_per_loop=4", "kernels=keras"}
+    assert result["setup"]["kernels"] == "fused_bn+exact_gelu+folded_depthwise"  # auto on CPU
+    assert result["runs"]["custom_input_excluded[kernels=keras]"]["kernels"] == "keras"
     assert ratios["precision=mixed_bfloat16"] == pytest.approx(
         bf16["images_per_sec"] / result["runs"]["custom_input_excluded"]["images_per_sec"])
 

@@ -62,7 +62,7 @@ def define_flags() -> None:
 PIPELINES = ("excluded", "included")
 # Settings a --variants run may change: they leave the model, the data and the strategy as they are.
 # Their types, choices and bounds are those of the Config fields (config.py).
-VARIANT_SETTINGS = ("precision", "xla", "steps_per_loop", "sync_bn", "augment_on_device")
+VARIANT_SETTINGS = ("precision", "xla", "steps_per_loop", "sync_bn", "augment_on_device", "kernels")
 
 
 def _variant_forms() -> str:
@@ -140,11 +140,12 @@ def _build(strategy, config, derived, policy: str):
     import keras
 
     from convmixer_dist import optimization, train
+    from convmixer_dist.strategy import device_kind
 
     keras.mixed_precision.set_dtype_policy(policy)
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
-        model = train.create_model(config)
+        model = train.create_model(config, device_kind(strategy))
         optimizer = optimization.create_optimizer(config, derived.total_steps, policy)
         # Keras 3 creates slots lazily, which fails inside a distributed tf.function: build them now.
         optimizer.build(model.trainable_variables)
@@ -246,6 +247,7 @@ def _result_header(config, derived, model, kind: str, policy: str, xla: bool, pe
     import keras
     import tensorflow as tf
 
+    from convmixer_dist.fused import resolve_kernels
     from convmixer_dist.model import count_params
     from convmixer_dist.perf import flops
 
@@ -257,6 +259,7 @@ def _result_header(config, derived, model, kind: str, policy: str, xla: bool, pe
                   "parameters": count_params(model)},
         "setup": {"strategy": config.strategy, "replicas": derived.num_replicas, "device_kind": kind,
                   "device": _device_name(kind), "precision": policy, "xla": xla,
+                  "kernels": resolve_kernels(config.kernels, kind).name,
                   "global_batch_size": config.global_batch_size, "steps_per_loop": config.steps_per_loop,
                   "dataset": config.dataset, "augment": config.augment,
                   "augment_on_device": config.augment_on_device, "warmup_windows": opts.warmup_windows,
@@ -285,6 +288,7 @@ def _training_runs(result: dict, strategy, setup: dict, variants, opts) -> None:
     import keras
 
     from convmixer_dist import data, train
+    from convmixer_dist.fused import resolve_kernels
     from convmixer_dist.precision import resolve_precision
 
     config, derived, arrays = setup["config"], setup["derived"], setup["arrays"]
@@ -306,7 +310,8 @@ def _training_runs(result: dict, strategy, setup: dict, variants, opts) -> None:
         _record(result, f"custom_input_excluded[{label}]", _custom_runner(
             strategy, v_model, v_optimizer, variant, derived, v_xla, dataset, opts.window_steps),
             config, opts)
-        result["runs"][f"custom_input_excluded[{label}]"].update(precision=v_policy, xla=v_xla)
+        result["runs"][f"custom_input_excluded[{label}]"].update(
+            precision=v_policy, xla=v_xla, kernels=resolve_kernels(variant.kernels, kind).name)
     keras.mixed_precision.set_dtype_policy(policy)  # The variants changed it; back to the base run's.
 
 
