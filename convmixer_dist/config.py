@@ -26,6 +26,7 @@ AUGMENTS = ("none", "basic", "rrc")
 ALL_REDUCES = ("auto", "nccl", "hierarchical_copy", "ring")
 CLUSTERS = ("auto", "tf_config", "slurm")
 XLA_MODES = ("auto", "on", "off")
+KERNELS = ("auto", "fused", "keras")
 NAN_POLICIES = ("stop", "rollback")
 # Flags a resumed run must share with the run that wrote the checkpoint (the checkpoint's shape and
 # meaning depend on them). Others (epochs, strategy, batch size, ...) may change between restarts.
@@ -177,6 +178,11 @@ class Config:
                                   bounds=(0, 1, "[)"))
     sync_bn: bool = setting(False, "BatchNorm statistics over the global batch across replicas "
                             "(default: per replica, as PyTorch DataParallel/DDP without SyncBatchNorm).")
+    kernels: str = setting("auto", "BatchNorm, GELU and depthwise-conv implementations: auto = the "
+                           "fastest known per device (CPU: fused BatchNorm, one-erf GELU gradient, folded "
+                           "depthwise filter gradient; GPU: fused BatchNorm only), fused = all that apply on "
+                           "the device, keras = the plain Keras layers. Same variables and results.",
+                           choices=KERNELS)
     # Data.
     dataset: str = setting("synthetic", "Training data.", choices=DATASETS)
     data_dir: str = setting("", "cifar10/cifar100: folder with the official python-format files "

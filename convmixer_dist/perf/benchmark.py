@@ -1,9 +1,9 @@
 """End-to-end training throughput: the project's benchmark command (numbers in notes come from it).
 
-    python -m convmixer_dist.benchmark --model=convmixer_256_8 --global_batch_size=64 \
+    python -m convmixer_dist.perf.benchmark --model=convmixer_256_8 --global_batch_size=64 \
         --precision=float32 --compare_fit --output=runs/bench/256_8.json
-    python -m convmixer_dist.benchmark --strategy=mirrored --precision=mixed_bfloat16 --peak_tflops=312
-    taskset -c 0 python -m convmixer_dist.benchmark --measure=input --dataset=cifar10 --data_dir=DIR
+    python -m convmixer_dist.perf.benchmark --strategy=mirrored --precision=mixed_bfloat16 --peak_tflops=312
+    taskset -c 0 python -m convmixer_dist.perf.benchmark --measure=input --dataset=cifar10 --data_dir=DIR
 
 Takes every training flag of `convmixer_dist.main` (model, strategy, precision, XLA, batch, data,
 augmentation) and trains with the real training loop (`train.make_train_loop`) on them:
@@ -26,39 +26,43 @@ import os
 import platform
 import statistics
 import sys
-import time
 from typing import Callable
 
-from absl import app, flags
+from absl import flags
 
 from convmixer_dist import config as cfg
-from convmixer_dist import flags as cli  # Defines the training flags.
+from convmixer_dist import flags as cli
 from convmixer_dist import rundir
-from convmixer_dist.errors import UsageError, exit_on_usage_error, parse_flags
+from convmixer_dist.errors import UsageError
+from convmixer_dist.perf.timing import time_calls
 
-flags.DEFINE_enum("measure", "train", ["train", "input", "all"], "train: the training runs; input: "
-                  "the input pipeline alone; all: both.")
-flags.DEFINE_list("pipeline", ["excluded", "included"], "Training runs to make: excluded (one cached "
-                  "batch per step), included (the real input pipeline), or both.")
-flags.DEFINE_integer("warmup_windows", 1, "Untimed windows first (tracing, tf.data autotuning).")
-flags.DEFINE_integer("windows", 5, "Timed windows per run; the median is reported.")
-flags.DEFINE_integer("window_steps", 10, "Steps per window (a multiple of --steps_per_loop).")
-flags.DEFINE_boolean("compare_fit", False, "Also train the same model with Keras model.fit on the same "
-                     "cached batch and report custom/fit throughput.")
-flags.DEFINE_list("variants", [], "Extra input-excluded runs of the custom loop, each with one setting "
-                  "changed, reported as a ratio to the base run (same process, same data), e.g. "
-                  "precision=mixed_bfloat16,precision=mixed_float16,xla=on. Settings: "
-                  "precision, xla, steps_per_loop, sync_bn, augment_on_device.")
-flags.DEFINE_integer("fit_steps_per_execution", 1, "model.fit's steps_per_execution (Keras default 1).")
-flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU; 0 = from the GPU table (none on CPU).")
-flags.DEFINE_string("output", "runs/benchmark.json", "Where to write the JSON result.")
-flags.adopt_module_key_flags(cli)
 
-FLAGS = flags.FLAGS
+def define_flags() -> None:
+    """The benchmark's own flags; `--help` also lists the training flags it takes."""
+    flags.DEFINE_enum("measure", "train", ["train", "input", "all"], "train: the training runs; input: "
+                      "the input pipeline alone; all: both.")
+    flags.DEFINE_list("pipeline", ["excluded", "included"], "Training runs to make: excluded (one "
+                      "cached batch per step), included (the real input pipeline), or both.")
+    flags.DEFINE_integer("warmup_windows", 1, "Untimed windows first (tracing, tf.data autotuning).")
+    flags.DEFINE_integer("windows", 5, "Timed windows per run; the median is reported.")
+    flags.DEFINE_integer("window_steps", 10, "Steps per window (a multiple of --steps_per_loop).")
+    flags.DEFINE_boolean("compare_fit", False, "Also train the same model with Keras model.fit on the "
+                         "same cached batch and report custom/fit throughput.")
+    flags.DEFINE_list("variants", [], "Extra input-excluded runs of the custom loop, each with one "
+                      "setting changed, reported as a ratio to the base run (same process, same data), "
+                      "e.g. precision=mixed_bfloat16,precision=mixed_float16,xla=on. Settings: "
+                      + ", ".join(VARIANT_SETTINGS) + ".")
+    flags.DEFINE_integer("fit_steps_per_execution", 1, "model.fit's steps_per_execution (Keras default 1).")
+    flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU; 0 = from the GPU table (none "
+                       "on CPU).")
+    flags.DEFINE_string("output", "runs/benchmark.json", "Where to write the JSON result.")
+    flags.adopt_module_key_flags(cli)
+
+
 PIPELINES = ("excluded", "included")
 # Settings a --variants run may change: they leave the model, the data and the strategy as they are.
 # Their types, choices and bounds are those of the Config fields (config.py).
-VARIANT_SETTINGS = ("precision", "xla", "steps_per_loop", "sync_bn", "augment_on_device")
+VARIANT_SETTINGS = ("precision", "xla", "steps_per_loop", "sync_bn", "augment_on_device", "kernels")
 
 
 def _variant_forms() -> str:
@@ -96,19 +100,6 @@ def median_rate(seconds: list[float], images_per_window: int) -> dict:
     return {"window_seconds": seconds, "window_images_per_sec": rates,
             "images_per_sec": statistics.median(rates), "images_per_sec_min": min(rates),
             "images_per_sec_max": max(rates)}
-
-
-def time_windows(run_window: Callable[[], None], warmup: int, windows: int, label: str) -> list[float]:
-    """Wall seconds of `windows` calls of `run_window` after `warmup` untimed calls (with progress)."""
-    for _ in range(warmup):
-        run_window()
-    seconds = []
-    for i in range(windows):
-        start = time.perf_counter()
-        run_window()
-        seconds.append(time.perf_counter() - start)
-        print(f"  {label}: window {i + 1}/{windows} {seconds[-1]:.3f} s", flush=True)
-    return seconds
 
 
 def throughput_fields(rate: dict, global_batch: int, train_flops: int, peak: float | None) -> dict:
@@ -149,18 +140,20 @@ def _build(strategy, config, derived, policy: str):
     import keras
 
     from convmixer_dist import optimization, train
+    from convmixer_dist.strategy import device_kind
 
     keras.mixed_precision.set_dtype_policy(policy)
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
-        model = train.create_model(config)
+        model = train.create_model(config, device_kind(strategy))
         optimizer = optimization.create_optimizer(config, derived.total_steps, policy)
         # Keras 3 creates slots lazily, which fails inside a distributed tf.function: build them now.
         optimizer.build(model.trainable_variables)
     return model, optimizer
 
 
-def _custom_runner(strategy, model, optimizer, config, derived, xla: bool, dataset) -> Callable:
+def _custom_runner(strategy, model, optimizer, config, derived, xla: bool, dataset,
+                   window_steps: int) -> Callable:
     """A window of training steps through the project's own loop (forced to finish)."""
     import tensorflow as tf
 
@@ -169,7 +162,7 @@ def _custom_runner(strategy, model, optimizer, config, derived, xla: bool, datas
     train_loop = train.make_train_loop(strategy, model, optimizer, config, derived, xla)
     iterator = iter(dataset)
     state = {"step": 0}
-    calls = FLAGS.window_steps // config.steps_per_loop
+    calls = window_steps // config.steps_per_loop
 
     def run_window():
         for _ in range(calls):
@@ -180,7 +173,8 @@ def _custom_runner(strategy, model, optimizer, config, derived, xla: bool, datas
     return run_window
 
 
-def _fit_runner(strategy, config, derived, arrays, policy: str, xla: bool) -> Callable:
+def _fit_runner(strategy, config, derived, arrays, policy: str, xla: bool, window_steps: int,
+                steps_per_execution: int) -> Callable:
     """A window of training steps through Keras `model.fit` with the same model, optimizer and data."""
     import keras
     import tensorflow as tf
@@ -192,7 +186,7 @@ def _fit_runner(strategy, config, derived, arrays, policy: str, xla: bool) -> Ca
         model = train.create_model(config)
         optimizer = optimization.create_optimizer(config, derived.total_steps, policy)
         model.compile(optimizer=optimizer, jit_compile=xla, metrics=["accuracy"],
-                      steps_per_execution=FLAGS.fit_steps_per_execution,
+                      steps_per_execution=steps_per_execution,
                       loss=keras.losses.CategoricalCrossentropy(from_logits=True,
                                                                 label_smoothing=config.label_smoothing))
     # One global batch of the same pipeline, cached: fit splits it over the replicas itself.
@@ -201,133 +195,133 @@ def _fit_runner(strategy, config, derived, arrays, policy: str, xla: bool) -> Ca
     dataset = dataset.map(lambda x, y: (x, y if y.dtype.is_floating else tf.one_hot(y, config.num_classes)))
 
     def run_window():
-        model.fit(dataset, epochs=1, steps_per_epoch=FLAGS.window_steps, verbose=0)
+        model.fit(dataset, epochs=1, steps_per_epoch=window_steps, verbose=0)
     return run_window
 
 
-def _input_rate(strategy, config, derived, arrays) -> dict:
+def _input_rate(strategy, config, derived, arrays, opts) -> dict:
     """Images/s of the real training input pipeline alone, and per CPU core this process may use."""
     from convmixer_dist import data
 
     iterator = iter(data.train_dataset(strategy, config, derived, arrays))
-    batches = FLAGS.window_steps
+    batches = opts.window_steps
 
     def run_window():
         for _ in range(batches):
             next(iterator)
-    seconds = time_windows(run_window, FLAGS.warmup_windows, FLAGS.windows, "input pipeline")
+    seconds = time_calls(run_window, opts.warmup_windows, opts.windows, "input pipeline")
     rate = median_rate(seconds, batches * config.global_batch_size)
     cores = len(os.sched_getaffinity(0))
     return {**rate, "cpu_cores": cores, "images_per_sec_per_core": rate["images_per_sec"] / cores,
             "augment": config.augment, "augment_on_device": config.augment_on_device}
 
 
-def validate_benchmark_flags(config) -> list[tuple[str, object]]:
+def validate_benchmark_flags(config, opts) -> list[tuple[str, object]]:
     """One-line errors for benchmark flags that cannot work together; returns the parsed --variants."""
-    bad = [p for p in FLAGS.pipeline if p not in PIPELINES]
-    if bad or not FLAGS.pipeline:
-        raise UsageError(f"--pipeline={','.join(FLAGS.pipeline)}: expected excluded, included or both")
+    bad = [p for p in opts.pipeline if p not in PIPELINES]
+    if bad or not opts.pipeline:
+        raise UsageError(f"--pipeline={','.join(opts.pipeline)}: expected excluded, included or both")
     for name in ("windows", "window_steps"):
-        if getattr(FLAGS, name) < 1:
-            raise UsageError(f"--{name}={getattr(FLAGS, name)}: expected a positive number")
-    if FLAGS.window_steps % config.steps_per_loop:
-        raise UsageError(f"--window_steps={FLAGS.window_steps} must be a multiple of "
+        if getattr(opts, name) < 1:
+            raise UsageError(f"--{name}={getattr(opts, name)}: expected a positive number")
+    if opts.window_steps % config.steps_per_loop:
+        raise UsageError(f"--window_steps={opts.window_steps} must be a multiple of "
                          f"--steps_per_loop={config.steps_per_loop}")
-    if FLAGS.compare_fit and config.augment_on_device:
+    if opts.compare_fit and config.augment_on_device:
         raise UsageError("--compare_fit: model.fit cannot run --augment_on_device; drop one of them")
-    variants = parse_variants(FLAGS.variants, config)
+    variants = parse_variants(opts.variants, config)
     for label, variant in variants:
-        if FLAGS.window_steps % variant.steps_per_loop:
-            raise UsageError(f"--variants={label}: --window_steps={FLAGS.window_steps} must be a "
+        if opts.window_steps % variant.steps_per_loop:
+            raise UsageError(f"--variants={label}: --window_steps={opts.window_steps} must be a "
                              f"multiple of its steps_per_loop")
-    if FLAGS.variants and "excluded" not in FLAGS.pipeline:
+    if opts.variants and "excluded" not in opts.pipeline:
         raise UsageError("--variants are compared with the input-excluded run: add excluded to --pipeline")
-    if FLAGS.peak_tflops < 0:
-        raise UsageError(f"--peak_tflops={FLAGS.peak_tflops}: expected >= 0")
-    rundir.ensure_writable_dir(os.path.dirname(os.path.abspath(FLAGS.output)), f"--output={FLAGS.output}")
+    if opts.peak_tflops < 0:
+        raise UsageError(f"--peak_tflops={opts.peak_tflops}: expected >= 0")
+    rundir.ensure_writable_dir(os.path.dirname(os.path.abspath(opts.output)), f"--output={opts.output}")
     return variants
 
 
-def run_benchmark(config, variants: list[tuple[str, object]]) -> dict:
-    """Every requested measurement for `config` (and its `variants`); returns the JSON-ready result."""
+def _result_header(config, derived, model, kind: str, policy: str, xla: bool, peak, opts) -> dict:
+    """The JSON result's description of the model, the setup and the FLOPs (runs are added later)."""
     import keras
     import tensorflow as tf
 
-    from convmixer_dist import data, flops
-    from convmixer_dist import strategy as strategy_lib
-    from convmixer_dist import train
-    from convmixer_dist.config import derive
+    from convmixer_dist.fused import resolve_kernels
     from convmixer_dist.model import count_params
-    from convmixer_dist.precision import resolve_precision
+    from convmixer_dist.perf import flops
 
-    strategy = strategy_lib.create_strategy(config)  # Before any other op (multi_worker needs it).
-    kind = strategy_lib.device_kind(strategy)
-    policy = resolve_precision(config.precision, kind)
-    xla = train.use_xla(config, kind)
-    arrays = None if config.dataset == "synthetic" else data.load_arrays(config)
-    derived = derive(config, strategy.num_replicas_in_sync, *data.trained_sizes(config, arrays))
-    data.augment_spec(config).validate()
-
-    device = _device_name(kind)
-    peak = FLAGS.peak_tflops or (flops.peak_tflops(device, policy) if kind == "gpu" else None)
-    model, optimizer = _build(strategy, config, derived, policy)
     forward = flops.model_flops(model)
-    train_flops = flops.TRAINING_MULTIPLIER * forward
-    result = {
+    return {
         "model": {"name": config.model, "hidden_dim": config.hidden_dim, "depth": config.depth,
                   "kernel_size": config.kernel_size, "patch_size": config.patch_size,
                   "image_size": config.image_size, "num_classes": config.num_classes,
                   "parameters": count_params(model)},
         "setup": {"strategy": config.strategy, "replicas": derived.num_replicas, "device_kind": kind,
-                  "device": device, "precision": policy, "xla": xla,
+                  "device": _device_name(kind), "precision": policy, "xla": xla,
+                  "kernels": resolve_kernels(config.kernels, kind).name,
                   "global_batch_size": config.global_batch_size, "steps_per_loop": config.steps_per_loop,
                   "dataset": config.dataset, "augment": config.augment,
-                  "augment_on_device": config.augment_on_device, "warmup_windows": FLAGS.warmup_windows,
-                  "windows": FLAGS.windows, "window_steps": FLAGS.window_steps,
+                  "augment_on_device": config.augment_on_device, "warmup_windows": opts.warmup_windows,
+                  "windows": opts.windows, "window_steps": opts.window_steps,
                   "cpu_cores": len(os.sched_getaffinity(0)), "tensorflow": tf.__version__,
                   "keras": keras.__version__, "python": platform.python_version(),
                   "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])},
-        "flops_per_image_forward": forward, "flops_per_image_train": train_flops,
+        "flops_per_image_forward": forward, "flops_per_image_train": flops.TRAINING_MULTIPLIER * forward,
         "peak_tflops": peak, "runs": {},
     }
-    images_per_window = FLAGS.window_steps * config.global_batch_size
 
-    def record(name: str, run_window: Callable) -> None:
-        seconds = time_windows(run_window, FLAGS.warmup_windows, FLAGS.windows, name)
-        run = throughput_fields(median_rate(seconds, images_per_window), config.global_batch_size,
-                                train_flops, peak)
-        result["runs"][name] = run
-        mfu = f", MFU {run['mfu']:.1%}" if run["mfu"] is not None else ""
-        print(f"{name}: {run['images_per_sec']:,.1f} img/s (median of {FLAGS.windows}), step "
-              f"{run['step_time_ms']:.1f} ms, {run['achieved_tflops']:.3f} TFLOP/s{mfu}", flush=True)
 
-    if FLAGS.measure in ("train", "all"):
-        for pipeline in FLAGS.pipeline:
-            dataset = (strategy.distribute_datasets_from_function(_cached_dataset_fn(config, derived, arrays))
-                       if pipeline == "excluded" else data.train_dataset(strategy, config, derived, arrays))
-            record(f"custom_input_{pipeline}",
-                   _custom_runner(strategy, model, optimizer, config, derived, xla, dataset))
-        if FLAGS.compare_fit:
-            record("fit_input_excluded", _fit_runner(strategy, config, derived, arrays, policy, xla))
-        for label, variant in variants:
-            v_policy, v_xla = resolve_precision(variant.precision, kind), train.use_xla(variant, kind)
-            v_model, v_optimizer = _build(strategy, variant, derived, v_policy)
-            dataset = strategy.distribute_datasets_from_function(_cached_dataset_fn(variant, derived, arrays))
-            record(f"custom_input_excluded[{label}]",
-                   _custom_runner(strategy, v_model, v_optimizer, variant, derived, v_xla, dataset))
-            result["runs"][f"custom_input_excluded[{label}]"].update(precision=v_policy, xla=v_xla)
-        keras.mixed_precision.set_dtype_policy(policy)
-    if FLAGS.measure in ("input", "all"):
-        result["input_pipeline"] = _input_rate(strategy, config, derived, arrays)
-        rate = result["input_pipeline"]
-        print(f"input pipeline: {rate['images_per_sec']:,.0f} img/s on {rate['cpu_cores']} core(s) = "
-              f"{rate['images_per_sec_per_core']:,.0f} img/s/core", flush=True)
+def _record(result: dict, name: str, run_window: Callable, config, opts) -> None:
+    """Time `run_window` (warm-up, then --windows windows) and add the run to `result["runs"]`."""
+    seconds = time_calls(run_window, opts.warmup_windows, opts.windows, name)
+    run = throughput_fields(median_rate(seconds, opts.window_steps * config.global_batch_size),
+                            config.global_batch_size, result["flops_per_image_train"], result["peak_tflops"])
+    result["runs"][name] = run
+    mfu = f", MFU {run['mfu']:.1%}" if run["mfu"] is not None else ""
+    print(f"{name}: {run['images_per_sec']:,.1f} img/s (median of {opts.windows}), step "
+          f"{run['step_time_ms']:.1f} ms, {run['achieved_tflops']:.3f} TFLOP/s{mfu}", flush=True)
 
+
+def _training_runs(result: dict, strategy, setup: dict, variants, opts) -> None:
+    """The custom-loop runs (input excluded/included), model.fit, and one run per variant."""
+    import keras
+
+    from convmixer_dist import data, train
+    from convmixer_dist.fused import resolve_kernels
+    from convmixer_dist.precision import resolve_precision
+
+    config, derived, arrays = setup["config"], setup["derived"], setup["arrays"]
+    kind, policy, xla = setup["kind"], setup["policy"], setup["xla"]
+    for pipeline in opts.pipeline:
+        dataset = (strategy.distribute_datasets_from_function(_cached_dataset_fn(config, derived, arrays))
+                   if pipeline == "excluded" else data.train_dataset(strategy, config, derived, arrays))
+        _record(result, f"custom_input_{pipeline}", _custom_runner(
+            strategy, setup["model"], setup["optimizer"], config, derived, xla, dataset, opts.window_steps),
+            config, opts)
+    if opts.compare_fit:
+        _record(result, "fit_input_excluded", _fit_runner(
+            strategy, config, derived, arrays, policy, xla, opts.window_steps, opts.fit_steps_per_execution),
+            config, opts)
+    for label, variant in variants:
+        v_policy, v_xla = resolve_precision(variant.precision, kind), train.use_xla(variant, kind)
+        v_model, v_optimizer = _build(strategy, variant, derived, v_policy)
+        dataset = strategy.distribute_datasets_from_function(_cached_dataset_fn(variant, derived, arrays))
+        _record(result, f"custom_input_excluded[{label}]", _custom_runner(
+            strategy, v_model, v_optimizer, variant, derived, v_xla, dataset, opts.window_steps),
+            config, opts)
+        result["runs"][f"custom_input_excluded[{label}]"].update(
+            precision=v_policy, xla=v_xla, kernels=resolve_kernels(variant.kernels, kind).name)
+    keras.mixed_precision.set_dtype_policy(policy)  # The variants changed it; back to the base run's.
+
+
+def _add_ratios(result: dict, variant_labels: list[str]) -> None:
+    """Variant/base, custom/fit and included/excluded throughput ratios of the runs made."""
     runs = result["runs"]
-    if "custom_input_excluded" in runs and FLAGS.variants:
+    if "custom_input_excluded" in runs and variant_labels:
         base = runs["custom_input_excluded"]["images_per_sec"]
         result["variant_over_base"] = {label: runs[f"custom_input_excluded[{label}]"]["images_per_sec"] / base
-                                       for label in FLAGS.variants}
+                                       for label in variant_labels}
         for label, ratio in result["variant_over_base"].items():
             print(f"{label} / base: {ratio:.2f}x", flush=True)
     if "custom_input_excluded" in runs and "fit_input_excluded" in runs:
@@ -339,22 +333,64 @@ def run_benchmark(config, variants: list[tuple[str, object]]) -> dict:
         result["included_over_excluded"] = (runs["custom_input_included"]["images_per_sec"]
                                             / runs["custom_input_excluded"]["images_per_sec"])
         print(f"input included / excluded: {result['included_over_excluded']:.2f}", flush=True)
-    rundir.write_json(FLAGS.output, result)
-    print(f"Saved {FLAGS.output}", flush=True)
+
+
+def run_benchmark(config, variants: list[tuple[str, object]], opts) -> dict:
+    """Every requested measurement for `config` (and its `variants`); returns the JSON-ready result.
+    The process's Keras dtype policy is restored afterwards."""
+    import keras
+
+    previous_policy = keras.mixed_precision.dtype_policy()
+    try:
+        return _run_benchmark(config, variants, opts)
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous_policy)
+
+
+def _run_benchmark(config, variants: list[tuple[str, object]], opts) -> dict:
+    from convmixer_dist import data
+    from convmixer_dist import strategy as strategy_lib
+    from convmixer_dist import train
+    from convmixer_dist.config import derive
+    from convmixer_dist.perf import flops
+    from convmixer_dist.precision import resolve_precision
+
+    strategy = strategy_lib.create_strategy(config)  # Before any other op (multi_worker needs it).
+    kind = strategy_lib.device_kind(strategy)
+    policy = resolve_precision(config.precision, kind)
+    xla = train.use_xla(config, kind)
+    arrays = None if config.dataset == "synthetic" else data.load_arrays(config)
+    derived = derive(config, strategy.num_replicas_in_sync, *data.trained_sizes(config, arrays))
+    data.augment_spec(config).validate()
+
+    peak = opts.peak_tflops or (flops.peak_tflops(_device_name(kind), policy) if kind == "gpu" else None)
+    model, optimizer = _build(strategy, config, derived, policy)
+    result = _result_header(config, derived, model, kind, policy, xla, peak, opts)
+    if opts.measure in ("train", "all"):
+        setup = dict(config=config, derived=derived, arrays=arrays, kind=kind, policy=policy, xla=xla,
+                     model=model, optimizer=optimizer)
+        _training_runs(result, strategy, setup, variants, opts)
+    if opts.measure in ("input", "all"):
+        result["input_pipeline"] = _input_rate(strategy, config, derived, arrays, opts)
+        rate = result["input_pipeline"]
+        print(f"input pipeline: {rate['images_per_sec']:,.0f} img/s on {rate['cpu_cores']} core(s) = "
+              f"{rate['images_per_sec_per_core']:,.0f} img/s/core", flush=True)
+    _add_ratios(result, opts.variants)
+    rundir.write_json(opts.output, result)
+    print(f"Saved {opts.output}", flush=True)
     return result
 
 
-@exit_on_usage_error
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise UsageError(f"unexpected arguments {argv[1:]}")
+def main(args: list[str], opts) -> None:
+    if args:
+        raise UsageError(f"unexpected arguments {args}")
     config = cli.config_from_flags()
-    variants = validate_benchmark_flags(config)
+    variants = validate_benchmark_flags(config, opts)
     from convmixer_dist.runtime import quiet_tensorflow_import
 
     quiet_tensorflow_import()
-    run_benchmark(config, variants)
+    run_benchmark(config, variants, opts)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run_command(main, define_flags, training=True)
