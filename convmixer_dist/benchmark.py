@@ -49,6 +49,10 @@ flags.DEFINE_list("variants", [], "Extra input-excluded runs of the custom loop,
                   "changed, reported as a ratio to the base run (same process, same data), e.g. "
                   "precision=mixed_bfloat16,precision=mixed_float16,xla=on. Settings: "
                   "precision, xla, steps_per_loop, sync_bn, augment_on_device.")
+flags.DEFINE_list("input_compare", [], "With --measure=input: more input pipelines timed in the same run, "
+                  "windows alternating with the base pipeline's, reported as a ratio to it. Items: "
+                  "decode_crop=true|false (the same data), tfrecord=DIR (the same flags reading TFRecord "
+                  "shards of DIR, e.g. made from --data_dir by make_tfrecords).")
 flags.DEFINE_integer("fit_steps_per_execution", 1, "model.fit's steps_per_execution (Keras default 1).")
 flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU; 0 = from the GPU table (none on CPU).")
 flags.DEFINE_string("output", "runs/benchmark.json", "Where to write the JSON result.")
@@ -154,7 +158,8 @@ def _build(strategy, config, derived, policy: str):
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model = train.create_model(config)
-        optimizer = optimization.create_optimizer(config, derived.total_steps, policy)
+        optimizer = optimization.create_optimizer(config, derived.total_steps, policy,
+                                                  variables=model.trainable_variables)
         # Keras 3 creates slots lazily, which fails inside a distributed tf.function: build them now.
         optimizer.build(model.trainable_variables)
     return model, optimizer
@@ -190,7 +195,8 @@ def _fit_runner(strategy, config, derived, arrays, policy: str, xla: bool) -> Ca
 
     with strategy.scope():
         model = train.create_model(config)
-        optimizer = optimization.create_optimizer(config, derived.total_steps, policy)
+        optimizer = optimization.create_optimizer(config, derived.total_steps, policy,
+                                                  variables=model.trainable_variables)
         model.compile(optimizer=optimizer, jit_compile=xla, metrics=["accuracy"],
                       steps_per_execution=FLAGS.fit_steps_per_execution,
                       loss=keras.losses.CategoricalCrossentropy(from_logits=True,
@@ -205,21 +211,52 @@ def _fit_runner(strategy, config, derived, arrays, policy: str, xla: bool) -> Ca
     return run_window
 
 
-def _input_rate(strategy, config, derived, arrays) -> dict:
-    """Images/s of the real training input pipeline alone, and per CPU core this process may use."""
+def parse_input_compare(items: list[str], config) -> list[tuple[str, object]]:
+    """`["decode_crop=true", "tfrecord=DIR"]` -> [(label, config of that input pipeline)]."""
+    import dataclasses
+
+    out = []
+    for item in items:
+        name, _, value = item.partition("=")
+        if name == "decode_crop" and value in ("true", "false"):
+            out.append((item, dataclasses.replace(config, decode_crop=value == "true")))
+        elif name == "tfrecord" and value:
+            if not os.path.isdir(value):
+                raise UsageError(f"--input_compare={item}: {value} is not a directory of TFRecord shards")
+            out.append((item, dataclasses.replace(config, dataset="tfrecord", data_dir=value)))
+        else:
+            raise UsageError(f"--input_compare: {item!r} is not decode_crop=true|false or tfrecord=DIR")
+    return out
+
+
+def _input_rates(strategy, pipelines: list[tuple[str, object, object, object]]) -> dict:
+    """Images/s of training input pipelines alone (label, config, derived, arrays), and per CPU core
+    this process may use. The pipelines' windows alternate, so a change in machine load hits all."""
     from convmixer_dist import data
 
-    iterator = iter(data.train_dataset(strategy, config, derived, arrays))
     batches = FLAGS.window_steps
-
-    def run_window():
-        for _ in range(batches):
-            next(iterator)
-    seconds = time_windows(run_window, FLAGS.warmup_windows, FLAGS.windows, "input pipeline")
-    rate = median_rate(seconds, batches * config.global_batch_size)
+    runners = []
+    for label, config, derived, arrays in pipelines:
+        iterator = iter(data.train_dataset(strategy, config, derived, arrays))
+        runners.append((label, config, lambda it=iterator: [next(it) for _ in range(batches)]))
+    for _ in range(FLAGS.warmup_windows):
+        for _, _, run_window in runners:
+            run_window()
+    seconds = {label: [] for label, _, _ in runners}
+    for i in range(FLAGS.windows):
+        for label, _, run_window in runners:
+            start = time.perf_counter()
+            run_window()
+            seconds[label].append(time.perf_counter() - start)
+            print(f"  input {label}: window {i + 1}/{FLAGS.windows} {seconds[label][-1]:.3f} s", flush=True)
     cores = len(os.sched_getaffinity(0))
-    return {**rate, "cpu_cores": cores, "images_per_sec_per_core": rate["images_per_sec"] / cores,
-            "augment": config.augment, "augment_on_device": config.augment_on_device}
+    rates = {}
+    for label, config, _ in runners:
+        rate = median_rate(seconds[label], batches * config.global_batch_size)
+        rates[label] = {**rate, "cpu_cores": cores, "images_per_sec_per_core": rate["images_per_sec"] / cores,
+                        "dataset": config.dataset, "decode_crop": config.decode_crop,
+                        "augment": config.augment, "augment_on_device": config.augment_on_device}
+    return rates
 
 
 def validate_benchmark_flags(config) -> list[tuple[str, object]]:
@@ -236,6 +273,9 @@ def validate_benchmark_flags(config) -> list[tuple[str, object]]:
     if FLAGS.compare_fit and config.augment_on_device:
         raise UsageError("--compare_fit: model.fit cannot run --augment_on_device; drop one of them")
     variants = parse_variants(FLAGS.variants, config)
+    if FLAGS.input_compare and FLAGS.measure == "train":
+        raise UsageError("--input_compare times input pipelines: add --measure=input (or all)")
+    parse_input_compare(FLAGS.input_compare, config)
     for label, variant in variants:
         if FLAGS.window_steps % variant.steps_per_loop:
             raise UsageError(f"--variants={label}: --window_steps={FLAGS.window_steps} must be a "
@@ -318,10 +358,21 @@ def run_benchmark(config, variants: list[tuple[str, object]]) -> dict:
             result["runs"][f"custom_input_excluded[{label}]"].update(precision=v_policy, xla=v_xla)
         keras.mixed_precision.set_dtype_policy(policy)
     if FLAGS.measure in ("input", "all"):
-        result["input_pipeline"] = _input_rate(strategy, config, derived, arrays)
-        rate = result["input_pipeline"]
-        print(f"input pipeline: {rate['images_per_sec']:,.0f} img/s on {rate['cpu_cores']} core(s) = "
-              f"{rate['images_per_sec_per_core']:,.0f} img/s/core", flush=True)
+        pipelines = [("base", config, derived, arrays)]
+        for label, other in parse_input_compare(FLAGS.input_compare, config):
+            other_arrays = arrays if other.dataset == config.dataset else data.load_arrays(other)
+            pipelines.append((label, other, derive(other, strategy.num_replicas_in_sync,
+                                                   *data.trained_sizes(other, other_arrays)), other_arrays))
+        rates = _input_rates(strategy, pipelines)
+        result["input_pipeline"] = rates.pop("base")
+        if rates:
+            result["input_compare"] = rates
+        base = result["input_pipeline"]["images_per_sec"]
+        for label, rate in [("input pipeline", result["input_pipeline"]), *rates.items()]:
+            ratio = "" if label == "input pipeline" else f" ({rate['images_per_sec'] / base:.2f}x base)"
+            rate["over_base"] = rate["images_per_sec"] / base
+            print(f"{label}: {rate['images_per_sec']:,.0f} img/s on {rate['cpu_cores']} core(s) = "
+                  f"{rate['images_per_sec_per_core']:,.0f} img/s/core{ratio}", flush=True)
 
     runs = result["runs"]
     if "custom_input_excluded" in runs and FLAGS.variants:
