@@ -18,9 +18,9 @@ from helpers import ROOT
 
 CLUSTER = os.path.join(ROOT, "launch", "testing", "slurm_cluster.sh")
 # The quickstart recipe, shrunk to seconds of training (4 epochs of 8 steps); --deterministic makes
-# weights comparable. One call per epoch, so a preempted run stops at an epoch boundary: resuming a
-# multi-worker run mid-epoch was measured to end within float32 rounding of, not bit-equal to, an
-# uninterrupted run (one-process runs resume bit-exactly mid-epoch).
+# weights comparable. One call per epoch and a save every epoch, so the preempted run stops on a step
+# where the uninterrupted one saves too: every save averages the replicas' BatchNorm moving
+# statistics, so a save the uninterrupted run does not make changes the last float32 bits.
 FLAGS = ["--flagfile=configs/quickstart.flags", "--hidden_dim=32", "--depth=2",
          "--synthetic_train_size=1024", "--synthetic_eval_size=256", "--train_steps=32",
          "--steps_per_loop=8", "--checkpoint_every_steps=8", "--deterministic",
