@@ -65,12 +65,41 @@ def test_variants_rerun_the_custom_loop_with_one_setting_changed(tmp_path):
     (["--window_steps=3"], "--window_steps"),
     (["--pipeline=excluded,bogus"], "--pipeline"),
     (["--compare_fit", "--augment_on_device", "--augment=rrc"], "--compare_fit"),
+    (["--measure=input", "--input_compare=tfrecord"], "--input_compare"),
+    (["--input_compare=decode_crop=true"], "--input_compare"),
 ])
 def test_bad_benchmark_flags_are_one_line_errors(tmp_path, args, flag):
     proc = run_cli("convmixer_dist.perf.benchmark", *TINY, *args, f"--output={tmp_path}/r.json")
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and flag in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "r.json").exists()
+
+
+def test_input_compare_times_image_folder_and_tfrecord_pipelines_in_one_run(tmp_path):
+    import io
+
+    from convmixer_dist.commands import make_tfrecords
+    from test_tfrecord import make_image_folder
+
+    folder = make_image_folder(tmp_path / "folder", per_class=(6, 1))
+    make_tfrecords.convert(folder, str(tmp_path / "records"), 3, 1, out=io.StringIO())
+    out = tmp_path / "input.json"
+    proc = run_cli("convmixer_dist.perf.benchmark", *TINY, "--measure=input", "--dataset=image_folder",
+                   f"--data_dir={folder}", "--augment=rrc", "--crop_scale=0.08", "--crop_ratio=0.75,1.33",
+                   "--randaug_n=2", "--randaug_m=27", "--randaug_mstd=1.5", "--erase_prob=0.25",
+                   "--erase_mode=pixel", "--mixup_alpha=0.5", "--cutmix_alpha=0.5", "--decode_crop=false",
+                   "--global_batch_size=6", "--window_steps=2", "--windows=2",
+                   f"--input_compare=decode_crop=true,tfrecord={tmp_path / 'records'}", f"--output={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    base, compared = result["input_pipeline"], result["input_compare"]
+    assert base["dataset"] == "image_folder" and base["decode_crop"] is False
+    assert set(compared) == {"decode_crop=true", f"tfrecord={tmp_path / 'records'}"}
+    assert compared[f"tfrecord={tmp_path / 'records'}"]["dataset"] == "tfrecord"
+    for rate in compared.values():
+        assert len(rate["window_images_per_sec"]) == 2
+        assert rate["over_base"] == pytest.approx(rate["images_per_sec"] / base["images_per_sec"])
+    assert "x base)" in proc.stdout
 
 
 def test_augment_benchmark_times_both_placements(tmp_path):

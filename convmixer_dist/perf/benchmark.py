@@ -52,6 +52,10 @@ def define_flags() -> None:
                       "setting changed, reported as a ratio to the base run (same process, same data), "
                       "e.g. precision=mixed_bfloat16,precision=mixed_float16,xla=on. Settings: "
                       + ", ".join(VARIANT_SETTINGS) + ".")
+    flags.DEFINE_list("input_compare", [], "With --measure=input: more input pipelines timed in the same "
+                      "run, windows alternating with the base pipeline's, reported as a ratio to it. Items: "
+                      "decode_crop=true|false (the same data), tfrecord=DIR (the same flags reading "
+                      "TFRecord shards of DIR, e.g. made from --data_dir by make_tfrecords).")
     flags.DEFINE_integer("fit_steps_per_execution", 1, "model.fit's steps_per_execution (Keras default 1).")
     flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU; 0 = from the GPU table (none "
                        "on CPU).")
@@ -146,7 +150,8 @@ def _build(strategy, config, derived, policy: str):
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model = train.create_model(config, device_kind(strategy))
-        optimizer = optimization.create_optimizer(config, derived.total_steps, policy)
+        optimizer = optimization.create_optimizer(config, derived.total_steps, policy,
+                                                  variables=model.trainable_variables)
         # Keras 3 creates slots lazily, which fails inside a distributed tf.function: build them now.
         optimizer.build(model.trainable_variables)
     return model, optimizer
@@ -183,7 +188,8 @@ def _fit_runner(strategy, config, derived, arrays, policy: str, xla: bool, windo
 
     with strategy.scope():
         model = train.create_model(config)
-        optimizer = optimization.create_optimizer(config, derived.total_steps, policy)
+        optimizer = optimization.create_optimizer(config, derived.total_steps, policy,
+                                                  variables=model.trainable_variables)
         model.compile(optimizer=optimizer, jit_compile=xla, metrics=["accuracy"],
                       steps_per_execution=steps_per_execution,
                       loss=keras.losses.CategoricalCrossentropy(from_logits=True,
@@ -198,21 +204,76 @@ def _fit_runner(strategy, config, derived, arrays, policy: str, xla: bool, windo
     return run_window
 
 
-def _input_rate(strategy, config, derived, arrays, opts) -> dict:
-    """Images/s of the real training input pipeline alone, and per CPU core this process may use."""
+def parse_input_compare(items: list[str], config) -> list[tuple[str, object]]:
+    """`["decode_crop=true", "tfrecord=DIR"]` -> [(label, config of that input pipeline)]."""
+    import dataclasses
+
+    out = []
+    for item in items:
+        name, _, value = item.partition("=")
+        if name == "decode_crop" and value in ("true", "false"):
+            out.append((item, dataclasses.replace(config, decode_crop=value == "true")))
+        elif name == "tfrecord" and value:
+            if not os.path.isdir(value):
+                raise UsageError(f"--input_compare={item}: {value} is not a directory of TFRecord shards")
+            out.append((item, dataclasses.replace(config, dataset="tfrecord", data_dir=value)))
+        else:
+            raise UsageError(f"--input_compare: {item!r} is not decode_crop=true|false or tfrecord=DIR")
+    return out
+
+
+def _input_rates(strategy, pipelines: list[tuple[str, object, object, object]], opts) -> dict:
+    """Images/s of training input pipelines alone ((label, config, derived, arrays) each), and per
+    CPU core this process may use. Their windows alternate, so a change in machine load hits all."""
+    import time
+
     from convmixer_dist import data
 
-    iterator = iter(data.train_dataset(strategy, config, derived, arrays))
     batches = opts.window_steps
-
-    def run_window():
-        for _ in range(batches):
-            next(iterator)
-    seconds = time_calls(run_window, opts.warmup_windows, opts.windows, "input pipeline")
-    rate = median_rate(seconds, batches * config.global_batch_size)
+    runners = []
+    for label, config, derived, arrays in pipelines:
+        iterator = iter(data.train_dataset(strategy, config, derived, arrays))
+        runners.append((label, config, lambda it=iterator: [next(it) for _ in range(batches)]))
+    for _ in range(opts.warmup_windows):
+        for _, _, run_window in runners:
+            run_window()
+    seconds = {label: [] for label, _, _ in runners}
+    for i in range(opts.windows):
+        for label, _, run_window in runners:
+            start = time.perf_counter()
+            run_window()
+            seconds[label].append(time.perf_counter() - start)
+            print(f"  input {label}: window {i + 1}/{opts.windows} {seconds[label][-1]:.3f} s", flush=True)
     cores = len(os.sched_getaffinity(0))
-    return {**rate, "cpu_cores": cores, "images_per_sec_per_core": rate["images_per_sec"] / cores,
-            "augment": config.augment, "augment_on_device": config.augment_on_device}
+    rates = {}
+    for label, config, _ in runners:
+        rate = median_rate(seconds[label], batches * config.global_batch_size)
+        rates[label] = {**rate, "cpu_cores": cores, "images_per_sec_per_core": rate["images_per_sec"] / cores,
+                        "dataset": config.dataset, "decode_crop": config.decode_crop,
+                        "augment": config.augment, "augment_on_device": config.augment_on_device}
+    return rates
+
+
+def _input_runs(result: dict, strategy, config, derived, arrays, opts) -> None:
+    """`input_pipeline` (the configured pipeline) and `input_compare` (--input_compare) into `result`."""
+    from convmixer_dist import data
+    from convmixer_dist.config import derive
+
+    pipelines = [("base", config, derived, arrays)]
+    for label, other in parse_input_compare(opts.input_compare, config):
+        other_arrays = arrays if other.dataset == config.dataset else data.load_arrays(other)
+        pipelines.append((label, other, derive(other, strategy.num_replicas_in_sync,
+                                               *data.trained_sizes(other, other_arrays)), other_arrays))
+    rates = _input_rates(strategy, pipelines, opts)
+    result["input_pipeline"] = rates.pop("base")
+    if rates:
+        result["input_compare"] = rates
+    base = result["input_pipeline"]["images_per_sec"]
+    for label, rate in [("input pipeline", result["input_pipeline"]), *rates.items()]:
+        rate["over_base"] = rate["images_per_sec"] / base
+        ratio = "" if label == "input pipeline" else f" ({rate['over_base']:.2f}x base)"
+        print(f"{label}: {rate['images_per_sec']:,.0f} img/s on {rate['cpu_cores']} core(s) = "
+              f"{rate['images_per_sec_per_core']:,.0f} img/s/core{ratio}", flush=True)
 
 
 def validate_benchmark_flags(config, opts) -> list[tuple[str, object]]:
@@ -229,6 +290,9 @@ def validate_benchmark_flags(config, opts) -> list[tuple[str, object]]:
     if opts.compare_fit and config.augment_on_device:
         raise UsageError("--compare_fit: model.fit cannot run --augment_on_device; drop one of them")
     variants = parse_variants(opts.variants, config)
+    if opts.input_compare and opts.measure == "train":
+        raise UsageError("--input_compare times input pipelines: add --measure=input (or all)")
+    parse_input_compare(opts.input_compare, config)
     for label, variant in variants:
         if opts.window_steps % variant.steps_per_loop:
             raise UsageError(f"--variants={label}: --window_steps={opts.window_steps} must be a "
@@ -370,10 +434,7 @@ def _run_benchmark(config, variants: list[tuple[str, object]], opts) -> dict:
                      model=model, optimizer=optimizer)
         _training_runs(result, strategy, setup, variants, opts)
     if opts.measure in ("input", "all"):
-        result["input_pipeline"] = _input_rate(strategy, config, derived, arrays, opts)
-        rate = result["input_pipeline"]
-        print(f"input pipeline: {rate['images_per_sec']:,.0f} img/s on {rate['cpu_cores']} core(s) = "
-              f"{rate['images_per_sec_per_core']:,.0f} img/s/core", flush=True)
+        _input_runs(result, strategy, config, derived, arrays, opts)
     _add_ratios(result, opts.variants)
     rundir.write_json(opts.output, result)
     print(f"Saved {opts.output}", flush=True)
