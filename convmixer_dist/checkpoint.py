@@ -31,12 +31,7 @@ class CheckpointSaver:
         self.main_dir = os.path.join(model_dir, subdir)
         self.directory = self.main_dir if chief else os.path.join(
             model_dir, f".worker{task_id}_tmp_{subdir}")
-        self.keep = keep
         self.manager = tf.train.CheckpointManager(checkpoint, self.directory, max_to_keep=keep)
-
-    def latest(self) -> str | None:
-        """Path of the chief's latest checkpoint, or None."""
-        return tf.train.latest_checkpoint(self.main_dir)
 
     def restore_latest(self) -> str | None:
         """Restore the chief's newest *usable* checkpoint (all workers); returns its path or None.

@@ -9,29 +9,28 @@ every node, TF_CONFIG set per node (launch/local.sh, launch/ssh.sh, launch/slurm
 """
 from __future__ import annotations
 
-from convmixer_dist import errors
-
 import os
 import sys
+import types
 
-from absl import app, flags, logging
+from absl import flags
 
-from convmixer_dist import flags as cli  # Defines the flags.
+from convmixer_dist import flags as cli
 from convmixer_dist import rundir
-from convmixer_dist.errors import UsageError, report_and_exit
 
 EXIT_DIVERGED = 3  # Non-finite loss/weights; the last good checkpoint is kept.
 EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1: checkpoint saved, rerun to resume (EX_TEMPFAIL).
 
-flags.adopt_module_key_flags(cli)  # `--help` lists the training flags, not only absl's own.
+
+def define_flags() -> None:
+    """`--help` lists the training flags, not only absl's own."""
+    flags.adopt_module_key_flags(cli)
 
 
-
-def run(argv: list[str]) -> dict:
+def main(args: list[str], opts: types.SimpleNamespace) -> dict:
     """Parse flags into a Config, create the strategy, train and evaluate; returns the summary."""
-    del argv
+    del args, opts  # Positional arguments are ignored, as absl's app.run always did here.
     config = cli.config_from_flags()
-    logging.set_verbosity(logging.WARNING)  # TensorFlow's Python INFO logs would drown the progress.
     # TensorFlow loads only after the flags are valid; strategy first, because
     # MultiWorkerMirroredStrategy must exist before any other TensorFlow op.
     if config.strategy == "multi_worker":  # Before TensorFlow's import; see startup.py.
@@ -62,12 +61,5 @@ def run(argv: list[str]) -> dict:
     return summary
 
 
-def main(argv: list[str]) -> None:
-    try:
-        run(argv)
-    except UsageError as err:
-        report_and_exit(err)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=errors.parse_flags)
+    cli.run_command(main, define_flags, training=True)

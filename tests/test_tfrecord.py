@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from convmixer_dist import data, make_tfrecords, tfrecord
+from convmixer_dist import data, tfrecord
+from convmixer_dist.commands import make_tfrecords
 from convmixer_dist.config import derive
 from convmixer_dist.errors import UsageError
 from helpers import run_cli, tiny_config
@@ -176,15 +177,15 @@ def test_corrupt_record_mid_run_is_one_line(tmp_path):
 
 def test_converter_command_prints_progress_and_bad_input_is_one_line(tmp_path):
     source = make_image_folder(tmp_path / "folder", per_class=(2, 1))
-    result = run_cli("convmixer_dist.make_tfrecords", f"--data_dir={source}",
+    result = run_cli("convmixer_dist.commands.make_tfrecords", f"--data_dir={source}",
                      f"--output={tmp_path / 'out'}", "--shards=2", "--eval_shards=1")
     assert result.returncode == 0, result.stderr
     assert "9/9 images" in result.stderr and "6 train images in 2 shards" in result.stderr
-    bad = run_cli("convmixer_dist.make_tfrecords", f"--data_dir={tmp_path / 'nope'}",
+    bad = run_cli("convmixer_dist.commands.make_tfrecords", f"--data_dir={tmp_path / 'nope'}",
                   f"--output={tmp_path / 'out2'}", "--shards=2")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
     assert bad.stderr.startswith("error: --data_dir") and not os.path.exists(tmp_path / "out2")
-    too_many = run_cli("convmixer_dist.make_tfrecords", f"--data_dir={source}",
+    too_many = run_cli("convmixer_dist.commands.make_tfrecords", f"--data_dir={source}",
                        f"--output={tmp_path / 'out3'}", "--shards=99")
     assert too_many.returncode == 2 and "--shards=99" in too_many.stderr
 

@@ -1,6 +1,6 @@
 """Convert an image-folder tree into sharded TFRecords for `--dataset=tfrecord`.
 
-    python -m convmixer_dist.make_tfrecords --data_dir=IMAGE_FOLDER --output=DIR --shards=1024 \
+    python -m convmixer_dist.commands.make_tfrecords --data_dir=IMAGE_FOLDER --output=DIR --shards=1024 \
         [--eval_shards=128] [--label_offset=1] [--seed=0]
 
 IMAGE_FOLDER is the `--dataset=image_folder` layout (IMAGE_FOLDER/train/<class>/*.jpg and
@@ -24,11 +24,12 @@ import json
 import os
 import sys
 import time
+import types
 
-from absl import app, flags
+from absl import flags
 
-from convmixer_dist import errors
-from convmixer_dist.errors import UsageError, exit_on_usage_error
+from convmixer_dist import flags as cli
+from convmixer_dist.errors import UsageError
 
 CLASS_NAMES_FILE = "class_names.json"
 INFO_FILE = "tfrecord_info.json"
@@ -137,7 +138,7 @@ def convert(data_dir: str, output: str, shards: int, eval_shards: int, label_off
     return info
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
     flags.DEFINE_string("data_dir", None, "Image-folder tree: DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg.")
     flags.DEFINE_string("output", None, "Directory for the train-*/validation-* shards.")
     flags.DEFINE_integer("shards", 1024, "Training shards (TF's ImageNet tooling: 1024).", lower_bound=1)
@@ -147,12 +148,10 @@ def _define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Seed of the training examples' order across shards.", lower_bound=0)
 
 
-@exit_on_usage_error
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise UsageError(f"unexpected arguments {argv[1:]}; usage: --data_dir=IMAGE_FOLDER --output=DIR "
+def main(args: list[str], f: types.SimpleNamespace) -> None:
+    if args:
+        raise UsageError(f"unexpected arguments {args}; usage: --data_dir=IMAGE_FOLDER --output=DIR "
                          "--shards=N")
-    f = flags.FLAGS
     if not f.data_dir:
         raise UsageError("--data_dir is required: the image-folder tree to convert")
     if not f.output:
@@ -164,6 +163,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    _define_flags()
-    app.run(main, flags_parser=errors.parse_flags)
+    cli.run_command(main, define_flags)
