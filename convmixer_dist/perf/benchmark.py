@@ -157,14 +157,13 @@ def _build(strategy, config, derived, policy: str):
     return model, optimizer
 
 
-def _custom_runner(strategy, model, optimizer, config, derived, xla: bool, dataset,
-                   window_steps: int) -> Callable:
+def _custom_runner(strategy, model, optimizer, config, xla: bool, dataset, window_steps: int) -> Callable:
     """A window of training steps through the project's own loop (forced to finish)."""
     import tensorflow as tf
 
     from convmixer_dist import train
 
-    train_loop = train.make_train_loop(strategy, model, optimizer, config, derived, xla)
+    train_loop = train.make_train_loop(strategy, model, optimizer, config, xla)
     iterator = iter(dataset)
     state = {"step": 0}
     calls = window_steps // config.steps_per_loop
@@ -361,7 +360,7 @@ def _training_runs(result: dict, strategy, setup: dict, variants, opts) -> None:
         dataset = (strategy.distribute_datasets_from_function(_cached_dataset_fn(config, derived, arrays))
                    if pipeline == "excluded" else data.train_dataset(strategy, config, derived, arrays))
         _record(result, f"custom_input_{pipeline}", _custom_runner(
-            strategy, setup["model"], setup["optimizer"], config, derived, xla, dataset, opts.window_steps),
+            strategy, setup["model"], setup["optimizer"], config, xla, dataset, opts.window_steps),
             config, opts)
     if opts.compare_fit:
         _record(result, "fit_input_excluded", _fit_runner(
@@ -372,7 +371,7 @@ def _training_runs(result: dict, strategy, setup: dict, variants, opts) -> None:
         v_model, v_optimizer = _build(strategy, variant, derived, v_policy)
         dataset = strategy.distribute_datasets_from_function(_cached_dataset_fn(variant, derived, arrays))
         _record(result, f"custom_input_excluded[{label}]", _custom_runner(
-            strategy, v_model, v_optimizer, variant, derived, v_xla, dataset, opts.window_steps),
+            strategy, v_model, v_optimizer, variant, v_xla, dataset, opts.window_steps),
             config, opts)
         result["runs"][f"custom_input_excluded[{label}]"].update(
             precision=v_policy, xla=v_xla, kernels=resolve_kernels(variant.kernels, kind).name)
