@@ -6,6 +6,7 @@
 
 `configure_devices` must run before TensorFlow initialises its runtime, and MultiWorkerMirroredStrategy
 must be created before any other TensorFlow op; `main` therefore calls `create_strategy` first.
+Its start-up is bounded by `--startup_timeout` and stays interruptible (startup.py).
 """
 from __future__ import annotations
 

@@ -143,3 +143,29 @@ def test_k8s_worker_passes_sigterm_on_to_the_run(tmp_path):
     proc.terminate()  # only the entry point, as Kubernetes signals PID 1
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 143 and "preempted" in err
+
+
+def test_ssh_sh_stop_reaches_the_remote_workers(tmp_path):
+    # Killing an ssh client does not signal the remote command; the remote side watches its stdin
+    # (a pipe only ssh.sh writes to) and sends SIGTERM to its worker when that closes.
+    fake_ssh = tmp_path / "fake_ssh"
+    fake_ssh.write_text('#!/usr/bin/env bash\nshift\nexec bash -c "$1"\n')
+    fake_ssh.chmod(0o755)
+    stub = _stub_python(tmp_path, f"trap 'echo > {tmp_path}/stopped.$$; exit 75' TERM\n"
+                                  f"echo > {tmp_path}/up.$$\nsleep 60 >/dev/null 2>&1 & wait\n")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("alpha\nbeta\n")
+    proc = subprocess.Popen(["bash", "launch/ssh.sh", str(hosts)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(
+                                os.environ, SSH=str(fake_ssh), REMOTE_PYTHON=stub,
+                                REMOTE_DIR=str(tmp_path), LOG_DIR=str(tmp_path / "logs")))
+    deadline = time.time() + 30
+    while len(list(tmp_path.glob("up.*"))) < 2:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.terminate()
+    proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    while len(list(tmp_path.glob("stopped.*"))) < 2:
+        assert time.time() < deadline + 10, "a remote worker was not stopped"
+        time.sleep(0.05)

@@ -17,10 +17,13 @@ import pytest
 from helpers import ROOT
 
 CLUSTER = os.path.join(ROOT, "launch", "testing", "slurm_cluster.sh")
-# The quickstart recipe, shrunk to seconds of training; --deterministic makes weights comparable.
+# The quickstart recipe, shrunk to seconds of training (4 epochs of 8 steps); --deterministic makes
+# weights comparable. One call per epoch and a save every epoch, so the preempted run stops on a step
+# where the uninterrupted one saves too: every save averages the replicas' BatchNorm moving
+# statistics, so a save the uninterrupted run does not make changes the last float32 bits.
 FLAGS = ["--flagfile=configs/quickstart.flags", "--hidden_dim=32", "--depth=2",
-         "--synthetic_train_size=1024", "--synthetic_eval_size=256", "--train_steps=24",
-         "--steps_per_loop=2", "--checkpoint_every_steps=4", "--deterministic",
+         "--synthetic_train_size=1024", "--synthetic_eval_size=256", "--train_steps=32",
+         "--steps_per_loop=8", "--checkpoint_every_steps=8", "--deterministic",
          "--collective_timeout=30"]
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
 
@@ -90,7 +93,7 @@ def test_two_tasks_train_as_two_workers(uninterrupted):
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", output[-3000:]
     summary = json.loads((model_dir / "summary.json").read_text())
     assert summary["strategy"] == "multi_worker" and summary["num_replicas"] == 2
-    assert summary["steps"] == 24
+    assert summary["steps"] == 32
     assert len(set(_weights(output))) == 1 and len(_weights(output)) == 2  # both tasks agree
 
 
@@ -98,31 +101,34 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_weights(slurm_env, tm
     model_dir = tmp_path / "run"
     job_id = _sbatch(slurm_env, tmp_path, *FLAGS, f"--model_dir={model_dir}")
     deadline = time.time() + 300
-    while not (model_dir / "checkpoints" / "ckpt-4.index").exists():
+    while not (model_dir / "checkpoints" / "ckpt-8.index").exists():
         assert time.time() < deadline and _job(slurm_env, job_id)["JobState"] in ("PENDING", "RUNNING")
         time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=USR1", job_id], env=slurm_env, check=True, timeout=30)
+    # What `#SBATCH --signal=B:USR1@120` does before the time limit: USR1 to the batch script only,
+    # which passes it on to the workers.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=slurm_env, check=True, timeout=30)
     job = _wait(slurm_env, job_id)
     output = _output(tmp_path, job_id)
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", output[-4000:]
     assert output.count("preempted: stopped by signal at step") == 2  # both workers, same step
+    assert "launch: USR1 (time limit near): asking the workers to save and stop" in output
     assert "exited 75 (preempted); requeueing job" in output
     assert "attempt 1 on" in output and "attempt 2 on" in output  # --open-mode=append kept both
-    assert re.search(r"Resumed from .*ckpt-\d+ at step \d+/24", output)
+    assert re.search(r"Resumed from .*ckpt-(16|24) at step (16|24)/32", output)
     summary = json.loads((model_dir / "summary.json").read_text())
     reference = json.loads((uninterrupted[2] / "summary.json").read_text())
-    assert summary["steps"] == 24
+    assert summary["steps"] == 32
     assert summary["weights_sha256"] == reference["weights_sha256"]
 
 
 def test_a_job_whose_second_task_dies_fails_fast_and_says_so(slurm_env, tmp_path):
-    # Task 1 is killed (SIGKILL) once the first checkpoint exists, as an out-of-memory kill would.
+    # Task 1 is killed (SIGKILL) once the first checkpoint (step 8) exists, as an out-of-memory kill would.
     model_dir = tmp_path / "run"
     stub = tmp_path / "python_dies_on_task_1"
     stub.write_text(f"""#!/usr/bin/env bash
 if [[ $SLURM_PROCID != 1 ]]; then exec {sys.executable} "$@"; fi
 {sys.executable} "$@" &
-until [[ -e {model_dir}/checkpoints/ckpt-4.index ]]; do sleep 0.2; done
+until [[ -e {model_dir}/checkpoints/ckpt-8.index ]]; do sleep 0.2; done
 kill -KILL $!
 wait $!
 """)
@@ -130,7 +136,7 @@ wait $!
     job_id = _sbatch(slurm_env, tmp_path, *FLAGS, f"--model_dir={model_dir}",
                      extra_env={"PYTHON": str(stub)})
     deadline = time.time() + 300
-    while not (model_dir / "checkpoints" / "ckpt-4.index").exists():
+    while not (model_dir / "checkpoints" / "ckpt-8.index").exists():
         assert time.time() < deadline, "training did not reach step 4"
         time.sleep(0.2)
     died = time.time()

@@ -136,3 +136,24 @@ def test_tasks_of_a_tf_config_put_the_chief_first():
     spec = json.loads(json.dumps({"cluster": {"worker": ["w0:1", "w1:2"], "chief": ["c:3"]},
                                   "task": {"type": "worker", "index": 1}}))
     assert cluster.tasks(spec) == (["chief 0", "worker 0", "worker 1"], ["c:3", "w0:1", "w1:2"], 2)
+
+
+def test_launcher_stop_during_start_up_takes_seconds(tmp_path):
+    # launch/local.sh with worker 1 never starting (a stub that sleeps): worker 0 waits for its peer;
+    # SIGTERM to the launcher (as Ctrl-C, a scheduler or `timeout` would send) stops everything.
+    stub = tmp_path / "python"
+    stub.write_text(f"#!/usr/bin/env bash\ncase $TF_CONFIG in *'\"index\": 1}}'*) exec sleep 120;; esac\n"
+                    f'exec {sys.executable} "$@"\n')
+    stub.chmod(0o755)
+    model_dir = tmp_path / "run"
+    proc = subprocess.Popen(["bash", "launch/local.sh", "2", f"--model_dir={model_dir}", *TINY[1:],
+                             "--startup_timeout=300"], cwd=ROOT, env=dict(os.environ, PYTHON=str(stub)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_line(proc, "waiting for its peers")
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert time.monotonic() - sent < 10
+    assert proc.returncode == 130
+    log = (model_dir / "logs" / "worker-0.log").read_text()
+    assert "preempted: SIGTERM during multi-worker start-up (waiting for peers)" in log

@@ -109,7 +109,7 @@ def test_batchnorm_moving_statistics_are_averaged_across_replicas(tmp_path):
         model = train.create_model(config)
         optimizer = optimization.create_optimizer(config, derived.total_steps, "float32")
         optimizer.build(model.trainable_variables)
-    loop = train.make_train_loop(strategy, model, optimizer, config, derived, xla=False)
+    loop = train.make_train_loop(strategy, model, optimizer, config, xla=False)
     iterator = iter(data.train_dataset(strategy, config, derived))
     loop(iterator, tf.constant(3), tf.constant(0, tf.int64), tf.constant(0, tf.int64))
     weight = model.get_layer("stem_bn").moving_mean
@@ -173,7 +173,7 @@ def _weights_after_steps(config, strategy, steps=3):
         optimizer = optimization.create_optimizer(config, derived.total_steps, "float32",
                                                   variables=model.trainable_variables)
         optimizer.build(model.trainable_variables)
-    loop = train.make_train_loop(strategy, model, optimizer, config, derived, xla=False)
+    loop = train.make_train_loop(strategy, model, optimizer, config, xla=False)
     iterator = iter(data.train_dataset(strategy, config, derived))
     totals = loop(iterator, tf.constant(steps), tf.constant(0, tf.int64), tf.constant(0, tf.int64))
     return [v.numpy() for v in model.trainable_variables], [float(t) for t in totals], optimizer

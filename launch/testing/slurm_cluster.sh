@@ -4,7 +4,7 @@
 #   export SLURM_CONF=/tmp/convmixer-slurm/slurm.conf   # what `up` prints; then sbatch/squeue work
 #   launch/testing/slurm_cluster.sh down   # stop the daemons and remove the directory
 # Everything lives in one temporary directory (SLURM_CLUSTER_DIR, default /tmp/convmixer-slurm):
-# munge with its own key and socket, slurm.conf, state, spool and logs. One node named after this
+# munge with its own key and socket, slurm.conf, state, spool and logs. One node (`localhost`), this
 # host with all its CPUs, no GPUs, no cgroups or systemd (proctrack/linuxproc, task/none).
 # `up` is idempotent (a running cluster is reused); `down` stops only the daemons it started.
 # Needs root (munged runs as user munge, slurmd launches jobs). Packages: slurmctld slurmd
@@ -18,7 +18,10 @@ usage() {
 }
 dir=${SLURM_CLUSTER_DIR:-/tmp/convmixer-slurm}
 ctld_port=${SLURM_CLUSTER_PORT:-6817}
-node=$(hostname -s)
+host=$(hostname -s)
+# The node's name is what jobs see in SLURM_STEP_NODELIST and what TensorFlow's Slurm resolver
+# connects to: "localhost" resolves everywhere, this host's name may not (containers).
+node=localhost
 conf=$dir/slurm.conf
 export SLURM_CONF=$conf
 
@@ -56,7 +59,7 @@ write_config() {
   cat >"$conf" <<EOF
 # Single-host test cluster written by launch/testing/slurm_cluster.sh.
 ClusterName=convmixer-test
-SlurmctldHost=$node(127.0.0.1)
+SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$ctld_port
 SlurmdPort=$((ctld_port + 1))
 AuthType=auth/munge
@@ -83,7 +86,7 @@ ReturnToService=2
 SlurmdTimeout=30
 InactiveLimit=0
 KillWait=30
-NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN
+NodeName=$node NodeHostname=$host NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN
 PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP
 EOF
 }
