@@ -149,3 +149,11 @@ wait $!
     code = re.search(rf"error: job {job_id} failed: a worker exited with code (\d+) .*; not requeued",
                      output)
     assert code and job["ExitCode"] == f"{code.group(1)}:0" and code.group(1) not in ("0", "75")
+
+
+def test_cluster_script_is_idempotent(slurm_env, tmp_path):
+    again = subprocess.run(["bash", CLUSTER, "up"], env=slurm_env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "already up" in again.stdout
+    absent = dict(slurm_env, SLURM_CLUSTER_DIR=str(tmp_path / "none"))
+    down = subprocess.run(["bash", CLUSTER, "down"], env=absent, capture_output=True, text=True, timeout=60)
+    assert down.returncode == 0 and "not running" in down.stdout
