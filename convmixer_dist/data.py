@@ -241,12 +241,13 @@ def basic_augment(image, seed, image_size: int):
 
 
 def _example_fn(config: Config, split: str, arrays) -> Callable:
-    """index -> (uint8 image at config.image_size, int32 label), in-graph (random access by index)."""
+    """index -> (uint8 image at config.image_size, int32 label), in-graph (random access by index).
+    The validation split indexes the training examples (it is held out of them)."""
     if config.dataset == "synthetic":
-        # Eval indices are offset so they never coincide with training examples.
-        offset = 1 << 30 if split == "eval" else 0
+        # Test indices are offset so they never coincide with training examples.
+        offset = 1 << 30 if split == "test" else 0
         return lambda i: synthetic_example(i + offset, config.seed, config.image_size, config.num_classes)
-    images, labels = arrays["test" if split == "eval" else "train"]
+    images, labels = arrays["test" if split == "test" else "train"]
     images, labels = tf.constant(images), tf.constant(labels, tf.int32)
     if config.dataset == "image_folder":  # `images` are file paths, decoded in the pipeline.
         fraction = config.eval_crop_fraction if split != "train" else 1.0
@@ -331,10 +332,10 @@ def _split_ids(config: Config, derived: Derived, split: str, arrays, ids: np.nda
                ) -> np.ndarray | None:
     """The example ids a split reads (None: all of it). The validation hold-out is a pure function of
     the config, so a caller cannot forget it and train on the validation examples."""
-    if split != "eval" and ids is None:
+    if split != "test" and ids is None:
         held_out = validation_split(config, split_sizes(config, arrays)[0])
         ids = None if held_out is None else held_out[0 if split == "train" else 1]
-    if split == "val" and ids is None:
+    if split == "validation" and ids is None:
         raise ValueError("the validation split needs --validation_fraction > 0")
     if split == "train" and ids is not None and len(ids) != derived.train_size:
         raise ValueError(f"derived.train_size={derived.train_size} but {len(ids)} training ids: "
@@ -417,14 +418,31 @@ def _eval_examples(config: Config, derived: Derived, arrays, example: Callable |
     return ds.map(example, num_parallel_calls=AUTOTUNE)
 
 
+# The words for the splits, everywhere: train, validation (held out of train, for model selection)
+# and test (never used for selection; the image folder's val/ and the TFRecords' validation-* hold
+# it). "eval" and "val" are older names of test and validation, still accepted.
+SPLITS = ("train", "validation", "test")
+_OLD_SPLIT_NAMES = {"eval": "test", "val": "validation"}
+
+
+def split_name(split: str) -> str:
+    """The current name of a split ("eval" -> "test", "val" -> "validation")."""
+    split = _OLD_SPLIT_NAMES.get(split, split)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: expected one of {SPLITS}")
+    return split
+
+
 def make_dataset_fn(config: Config, derived: Derived, split: str, arrays=None,
                     start_step: int = 0, ids: np.ndarray | None = None) -> Callable:
     """The per-input-pipeline dataset builder for `strategy.distribute_datasets_from_function`.
 
-    `split` is "train", "eval" (the test split) or "val" (held-out training examples `ids`; for
-    "train", `ids` restricts training to those examples). Training data starts at global step
-    `start_step` (resume) and is identical, batch for batch, to what an uninterrupted run reads there.
+    `split` is "train", "test" or "validation" (held-out training examples `ids`; for "train", `ids`
+    restricts training to those examples); "eval" and "val", the older names of "test" and
+    "validation", still work. Training data starts at global step `start_step` (resume) and is
+    identical, batch for batch, to what an uninterrupted run reads there.
     """
+    split = split_name(split)
     mean, std = NORMALIZATION[config.dataset]
     batch = derived.per_replica_batch_size
     example = None if config.dataset == "tfrecord" else _example_fn(config, split, arrays)
@@ -463,9 +481,9 @@ def train_dataset(strategy: tf.distribute.Strategy, config: Config, derived: Der
 
 
 def eval_dataset(strategy: tf.distribute.Strategy, config: Config, derived: Derived, arrays=None,
-                 split: str = "eval", ids: np.ndarray | None = None):
+                 split: str = "test", ids: np.ndarray | None = None):
     """A distributed evaluation dataset (every example once, no augmentation): the test split, or
-    with split="val" the held-out training examples `ids`."""
+    with split="validation" the held-out training examples `ids`."""
     return strategy.distribute_datasets_from_function(
         make_dataset_fn(config, derived, split, arrays, ids=ids), _INPUT_OPTIONS)
 

@@ -356,7 +356,8 @@ def prepare_inputs(config: Config, strategy) -> Inputs:
     data.augment_spec(config).validate()
     eval_dataset = data.eval_dataset(strategy, config, derived, arrays)
     val_dataset = (None if val_ids is None
-                   else data.eval_dataset(strategy, config, derived, arrays, split="val", ids=val_ids))
+                   else data.eval_dataset(strategy, config, derived, arrays, split="validation",
+                                          ids=val_ids))
     return Inputs(arrays, derived, train_ids, eval_dataset, val_dataset)
 
 
@@ -681,12 +682,15 @@ def build_summary(config: Config, derived: Derived, eval_metrics: dict, epoch_to
                   counters: Counters, wall_seconds: float, policy: str, xla: bool, parameters: int,
                   resumed_from: str | None, learning_rate_scale: float, validation: dict,
                   fingerprint: dict) -> dict:
-    """summary.json: test metrics, the last epoch's training loss/accuracy (restored across
-    restarts), throughput and the run's setup."""
+    """summary.json: test-split metrics (test_*, and eval_* as before), the last epoch's training
+    loss/accuracy (restored across restarts), throughput and the run's setup."""
     loss_sum, correct, count = epoch_totals
+    test = {"accuracy": eval_metrics["accuracy"], "loss": eval_metrics["loss"],
+            "top5_accuracy": eval_metrics["top5_accuracy"], "examples": eval_metrics["examples"]}
     return {
-        "eval_accuracy": eval_metrics["accuracy"], "eval_loss": eval_metrics["loss"],
-        "eval_top5_accuracy": eval_metrics["top5_accuracy"], "eval_examples": eval_metrics["examples"],
+        **{f"test_{key}": value for key, value in test.items()},
+        # The same test-split numbers under their older names (the TensorBoard run is still "eval").
+        **{f"eval_{key}": value for key, value in test.items()},
         "train_loss": loss_sum / count if count else None,
         "train_accuracy": correct / count if count else None,
         "steps": step, "epochs": derived.epochs, "steps_per_epoch": derived.steps_per_epoch,

@@ -61,6 +61,8 @@ def test_build_summary_reports_test_metrics_last_epoch_training_and_throughput(t
         np.array([12.0, 6.0, 24.0]), 6, counters, 3.5, "float32", False, 1234, None, 0.5,
         {"best_step": 3}, {"weights_sha256": "abc", "weights_abs_sum": 1.0})
     assert summary["eval_accuracy"] == 0.5 and summary["eval_examples"] == 100
+    for key in ("accuracy", "loss", "top5_accuracy", "examples"):  # test_* and their older names
+        assert summary[f"test_{key}"] == summary[f"eval_{key}"]
     assert summary["train_loss"] == 0.5 and summary["train_accuracy"] == 0.25
     assert summary["images_per_sec"] == 320.0 and summary["nan_rollbacks"] == 1
     assert summary["steps"] == 6 and summary["epochs"] == derived.epochs
