@@ -175,3 +175,21 @@ def test_keras_kernels_build_plain_keras_layers():
     assert type(model.get_layer("block00_depthwise_act")) is keras.layers.Activation
     relu = train.create_model(Config(**TINY, activation="relu", kernels="fused"), "cpu")
     assert type(relu.get_layer("stem_act")) is keras.layers.Activation  # Only GELU has a fused form.
+
+
+def test_folded_gradient_ops_carry_the_layer_name_for_profile_report():
+    from convmixer_dist.perf.profile_report import classify
+
+    layer = fused.FoldedDepthwiseConv2D(3, padding="same", name="block00_depthwise_conv")
+    layer.build((2, 6, 6, 4))
+
+    @tf.function
+    def grads(x):
+        with tf.GradientTape() as tape:
+            y = layer(x, training=True)
+        return tape.gradient(y, layer.trainable_variables)
+
+    graph = grads.get_concrete_function(tf.TensorSpec((2, 6, 6, 4))).graph
+    ops = [op for op in graph.get_operations() if op.type in ("Transpose", "Pad", "DepthwiseConv2dNative")]
+    assert len(ops) == 5 and all(classify(op.name, op.type) == "depthwise_conv" for op in ops), \
+        [(op.name, op.type) for op in ops]
