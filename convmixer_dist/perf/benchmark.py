@@ -35,7 +35,7 @@ from convmixer_dist import config as cfg
 from convmixer_dist import flags as cli
 from convmixer_dist import rundir
 from convmixer_dist.errors import UsageError
-from convmixer_dist.perf.timing import time_calls
+from convmixer_dist.perf.timing import time_alternating, time_calls
 
 
 def define_flags() -> None:
@@ -245,8 +245,6 @@ def parse_input_compare(items: list[str], config) -> list[tuple[str, object]]:
 def _input_rates(strategy, pipelines: list[tuple[str, object, object, object]], opts) -> dict:
     """Images/s of training input pipelines alone ((label, config, derived, arrays) each), and per
     CPU core this process may use. Their windows alternate, so a change in machine load hits all."""
-    import time
-
     from convmixer_dist import data
 
     batches = opts.window_steps
@@ -254,16 +252,9 @@ def _input_rates(strategy, pipelines: list[tuple[str, object, object, object]], 
     for label, config, derived, arrays in pipelines:
         iterator = iter(data.train_dataset(strategy, config, derived, arrays))
         runners.append((label, config, lambda it=iterator: [next(it) for _ in range(batches)]))
-    for _ in range(opts.warmup_windows):
-        for _, _, run_window in runners:
-            run_window()
-    seconds = {label: [] for label, _, _ in runners}
-    for i in range(opts.windows):
-        for label, _, run_window in runners:
-            start = time.perf_counter()
-            run_window()
-            seconds[label].append(time.perf_counter() - start)
-            print(f"  input {label}: window {i + 1}/{opts.windows} {seconds[label][-1]:.3f} s", flush=True)
+    timed = time_alternating({f"input {label}": run_window for label, _, run_window in runners},
+                             opts.warmup_windows, opts.windows)
+    seconds = {label: timed[f"input {label}"] for label, _, _ in runners}
     cores = len(os.sched_getaffinity(0))
     rates = {}
     for label, config, _ in runners:
