@@ -179,9 +179,9 @@ class Config:
     sync_bn: bool = setting(False, "BatchNorm statistics over the global batch across replicas "
                             "(default: per replica, as PyTorch DataParallel/DDP without SyncBatchNorm).")
     kernels: str = setting("auto", "BatchNorm, GELU and depthwise-conv implementations: auto = the "
-                           "fastest known per device (CPU: fused BatchNorm, one-erf GELU gradient, folded "
-                           "depthwise filter gradient; GPU: fused BatchNorm only), fused = all that apply on "
-                           "the device, keras = the plain Keras layers. Same variables and results.",
+                           "fastest measured per device (CPU: fused BatchNorm + XLA-fused GELU; GPU: fused "
+                           "BatchNorm), fused = also the folded depthwise filter gradient on CPU (and the "
+                           "GELU on GPU), keras = the plain Keras layers. Same variables and results.",
                            choices=KERNELS)
     # Data.
     dataset: str = setting("synthetic", "Training data.", choices=DATASETS)
