@@ -215,8 +215,8 @@ class Config:
     erase_prob: float = setting(0.0, "Random erasing probability per image (reference --reprob).",
                                 bounds=(0, 1, "[]"))
     erase_mode: str = setting("const", "Random erasing fill: const = the dataset mean colour "
-                              "(torchvision), pixel = per-pixel normal noise in normalized space (timm "
-                              "--remode pixel).", choices=ERASE_MODES)
+                              "(torchvision), pixel = timm's RandomErasing --remode pixel (its region rule, "
+                              "per-pixel normal noise in normalized space).", choices=ERASE_MODES)
     mixup_alpha: float = setting(0.0, "MixUp Beta(alpha, alpha); 0 = off. Soft-label loss.",
                                  bounds=(0, 100, "[]"))
     cutmix_alpha: float = setting(0.0, "CutMix Beta(alpha, alpha) in (0, 1]; 0 = off. With MixUp, one "

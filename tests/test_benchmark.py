@@ -127,3 +127,17 @@ def test_an_unwritable_output_is_refused_before_any_timing(tmp_path, module):
     assert proc.stderr.startswith(f"error: --output={blocker}/result.json: ") and "cannot be created" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "window" not in proc.stdout
     assert blocker.read_text() == "not a directory"
+
+
+def test_imagenet_like_jpegs_have_the_documented_shape(tmp_path):
+    from convmixer_dist.perf import imagenet_like
+
+    sizes = imagenet_like.generate(str(tmp_path), train_images=6, seed=1)
+    files = sorted((tmp_path / "train").rglob("*.JPEG"))
+    assert len(files) == 6 and len(sizes) == 6 + imagenet_like.VAL_IMAGES
+    import tensorflow as tf
+
+    for path in files:
+        height, width, _ = tf.image.extract_jpeg_shape(tf.io.read_file(str(path))).numpy()
+        assert 250 < min(height, width) and max(height, width) < 700
+    assert 30_000 < sum(sizes) / len(sizes) < 150_000
