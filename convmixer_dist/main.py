@@ -29,7 +29,8 @@ flags.adopt_module_key_flags(cli)  # `--help` lists the training flags, not only
 
 def run(argv: list[str]) -> dict:
     """Parse flags into a Config, create the strategy, train and evaluate; returns the summary."""
-    del argv
+    if len(argv) > 1:  # e.g. `learning_rate=0.5` without `--` would otherwise be ignored
+        raise UsageError(f"unexpected argument {argv[1]!r}: flags are written --name=value")
     config = cli.config_from_flags()
     logging.set_verbosity(logging.WARNING)  # TensorFlow's Python INFO logs would drown the progress.
     # TensorFlow loads only after the flags are valid; strategy first, because

@@ -18,7 +18,7 @@ from typing import Dict, List, Tuple
 
 from absl import app, flags
 
-from convmixer_dist.errors import UsageError, exit_on_usage_error
+from convmixer_dist.errors import UsageError, exit_on_usage_error, parse_flags
 
 EVENT_FILE_MARKER = "events.out.tfevents."
 DEFAULT_OUTPUT = "training_curves.png"
@@ -166,4 +166,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

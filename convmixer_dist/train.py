@@ -207,6 +207,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
         return _train_and_evaluate(config, strategy, chief, kind, policy, wall_start)
     finally:
         keras.mixed_precision.set_dtype_policy(previous_policy)
+        rundir.release_run_lock(config.model_dir)  # Taken by rundir.prepare_model_dir (chief).
 
 
 def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> dict:
