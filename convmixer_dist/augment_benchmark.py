@@ -74,7 +74,7 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS
-    rundir.ensure_writable_dir(os.path.dirname(os.path.abspath(f.output)), f"--output={f.output}")
+    rundir.ensure_writable_file(f.output, f"--output={f.output}")
     from convmixer_dist.runtime import quiet_tensorflow_import
 
     quiet_tensorflow_import()  # augment imports TensorFlow; its import-time logs would precede errors.

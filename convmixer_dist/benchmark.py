@@ -237,7 +237,7 @@ def validate_benchmark_flags(config) -> list[tuple[str, object]]:
         raise UsageError("--variants are compared with the input-excluded run: add excluded to --pipeline")
     if FLAGS.peak_tflops < 0:
         raise UsageError(f"--peak_tflops={FLAGS.peak_tflops}: expected >= 0")
-    rundir.ensure_writable_dir(os.path.dirname(os.path.abspath(FLAGS.output)), f"--output={FLAGS.output}")
+    rundir.ensure_writable_file(FLAGS.output, f"--output={FLAGS.output}")
     return variants
 
 

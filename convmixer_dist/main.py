@@ -42,6 +42,9 @@ def run(argv: list[str]) -> dict:
 
     strategy = strategy_lib.create_strategy(config)
     chief = strategy_lib.is_chief(strategy)
+    if chief and config.profiler_port:  # The server is the chief's; a taken port fails silently.
+        from convmixer_dist.profiling import check_port_free
+        check_port_free(config.profiler_port)
     try:
         summary = train.train_and_evaluate(config, strategy)
     except train.TrainingDiverged as err:

@@ -24,7 +24,8 @@ from convmixer_dist.config import Config, Derived, derive
 from convmixer_dist.model import build_convmixer, count_params
 from convmixer_dist.precision import resolve_precision
 from convmixer_dist.preemption import PreemptionWatcher
-from convmixer_dist.profiling import ProfileWindow, parse_profile_steps, start_profiler_server
+from convmixer_dist.profiling import (ProfileWindow, check_profile_window, parse_profile_steps,
+                                      start_profiler_server)
 from convmixer_dist.strategy import device_kind, is_chief
 
 SUM = tf.distribute.ReduceOp.SUM
@@ -225,6 +226,9 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
     derived = derive(config, strategy.num_replicas_in_sync,
                      full_train if train_ids is None else len(train_ids), eval_size)
     data.augment_spec(config).validate()
+    profile_warning = check_profile_window(parse_profile_steps(config.profile_steps), derived.total_steps)
+    if profile_warning:
+        _say(chief, profile_warning)
     eval_dataset = data.eval_dataset(strategy, config, derived, arrays)
     val_dataset = (None if val_ids is None
                    else data.eval_dataset(strategy, config, derived, arrays, split="val", ids=val_ids))
