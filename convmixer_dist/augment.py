@@ -24,7 +24,12 @@ Where Keras 3 layers serve, and where they do not (Keras 3.15):
       * RandomErasing's `factor` is the *upper bound* of a per-image probability drawn uniformly, so
         `factor=p` erases with probability p/2; we pass `factor=(p, p)`. Its default fill is
         N(0, 1) * 255 clipped (half the pixels black); torchvision erases with 0 *after*
-        normalization, i.e. the dataset mean, which we pass as the fill.
+        normalization, i.e. the dataset mean, which we pass as the fill (`erase_mode="const"`).
+        timm's ImageNet recipe (`--remode pixel`) fills with per-pixel N(0, 1) *after*
+        normalization, i.e. mean + std * N(0, 1) here (`erase_mode="pixel"`): we keep Keras' region
+        and replace its fill. Keras draws the region's height and width fractions independently
+        (sqrt of U(0.02, 0.33) each); timm draws the area U(0.02, 1/3) and a log-uniform aspect
+        ratio in (0.3, 3.3), so region shapes differ somewhat.
       * CutMix's `factor` is the range of its Beta alpha; `factor=(a, a)` gives alpha = a, which the
         layer bounds to (0, 1].
       * Keras MixUp/CutMix draw one mixing weight per image (timm's "elem" mode) rather than one per
@@ -39,12 +44,15 @@ Where Keras 3 layers serve, and where they do not (Keras 3.15):
   - RandomColorJitter: not used: brightness is additive (torchvision multiplies), contrast uses the
     per-channel mean (torchvision: the grayscale mean), and it draws from its own SeedGenerator
     inside `transform_images`, ignoring any seed we pass. Jitter is three torchvision blends here.
-  - Random resized crop: `tf.image.crop_and_resize` with one random square box per image. Keras
-    RandomCrop cuts a fixed size (no scale range) and RandomZoom always zooms about the centre;
-    `tf.image.sample_distorted_bounding_box` works on one image at a time (a map_fn per image).
-    crop_and_resize is one batched op, works in both placements, and is exactly torchvision's
-    RandomResizedCrop(scale=(s, 1), ratio=(1, 1)): area fraction ~ U(s, 1), uniform position,
-    bilinear resize back to `image_size`.
+  - Random resized crop of same-size batches (CIFAR): `tf.image.crop_and_resize` with one random
+    box per image. Keras RandomCrop cuts a fixed size (no scale range) and RandomZoom always zooms
+    about the centre; `tf.image.sample_distorted_bounding_box` works on one image at a time.
+    crop_and_resize is one batched op, works in both placements, and with `crop_ratio=(1, 1)` is
+    exactly torchvision's RandomResizedCrop(scale=(s, 1), ratio=(1, 1)): area fraction ~ U(s, 1),
+    uniform position, bilinear resize back to `image_size`. Other ratio ranges follow timm's rule
+    (10 attempts of area and log-uniform aspect ratio, else the whole image). Image folders and
+    TFRecords cut the crop per example from the decoded original instead (`image_decode.py`), so
+    there the spec's crop is off.
 
 Magnitude convention. `randaug_m` is torchvision's magnitude (31 bins, 0..30), which the reference
 CIFAR recipe uses (`--ra-m 12`). We map it to a normalized level = m / 30 in [0, 1] (the same [0, 1]
@@ -52,7 +60,10 @@ scale as keras.layers.RandAugment's `factor`), then each op uses level * its tor
 shear 0.3, translate 150/331 of the side, rotate 30 degrees, brightness/color/contrast/sharpness
 factor 1 +- 0.9, posterize 8 - round(4 * level) bits, solarize threshold 255 * (1 - level). timm's
 `rand-mM` uses a 0..10 scale with the same maxima, so timm's m9 (the paper's ImageNet recipe) is
-`randaug_m=27` here (timm's magnitude noise `mstd0.5` is not reproduced).
+`randaug_m=27` here. timm's magnitude noise `mstd0.5` is `randaug_mstd=1.5` here (same scale factor
+of 3): every op application draws its magnitude from N(randaug_m, randaug_mstd), clipped to [0, 30].
+The op list stays torchvision's 14 (timm's `rand-` list has 15: no Identity, plus Invert and
+SolarizeAdd, each applied with probability 0.5).
 """
 from __future__ import annotations
 
@@ -63,6 +74,7 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
+from convmixer_dist import image_decode
 from convmixer_dist.errors import UsageError
 
 # Dataset statistics in the 0..255 pixel scale (the reference uses these values / 255).
@@ -98,10 +110,13 @@ class AugmentSpec:
     """What to apply to a training batch; the defaults apply nothing (`is_identity`)."""
 
     crop_scale: float = 1.0   # min area fraction of the random resized crop; 1.0 = off
+    crop_ratio: tuple = (1.0, 1.0)  # aspect-ratio (w/h) range of the crop, log-uniform; (1, 1) = square
     randaug_n: int = 0        # RandAugment ops per image; 0 = off
     randaug_m: float = 0      # RandAugment magnitude, torchvision scale 0..30
+    randaug_mstd: float = 0.0  # per-op magnitude noise N(randaug_m, mstd), clipped to [0, 30] (timm mstd)
     jitter: float = 0.0       # ColorJitter(brightness=contrast=saturation=jitter)
     erase_prob: float = 0.0   # RandomErasing probability per image
+    erase_mode: str = "const"  # erased pixels: const = mean colour, pixel = per-pixel N(mean, std) (timm)
     mixup_alpha: float = 0.0  # MixUp Beta(alpha, alpha); 0 = off
     cutmix_alpha: float = 0.0  # CutMix Beta(alpha, alpha), alpha in (0, 1]; 0 = off
     seed: int = 0
@@ -112,8 +127,12 @@ class AugmentSpec:
         return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
     @property
+    def crops(self) -> bool:
+        return self.crop_scale < 1.0 or tuple(self.crop_ratio) != (1.0, 1.0)
+
+    @property
     def is_identity(self) -> bool:
-        return (self.crop_scale >= 1.0 and self.randaug_n == 0 and self.jitter == 0
+        return (not self.crops and self.randaug_n == 0 and self.jitter == 0
                 and self.erase_prob == 0 and not self.hflip and not self.mixes)
 
     def validate(self) -> "AugmentSpec":
@@ -128,6 +147,11 @@ class AugmentSpec:
               "an integer number of RandAugment ops in [0, 10]; 0 = off", self.randaug_n)
         check(0 <= self.randaug_m <= RANDAUG_MAX_MAGNITUDE, "randaug_m",
               f"a RandAugment magnitude in [0, {RANDAUG_MAX_MAGNITUDE}] (torchvision scale)", self.randaug_m)
+        check(len(self.crop_ratio) == 2 and 0 < self.crop_ratio[0] <= self.crop_ratio[1], "crop_ratio",
+              "LOW,HIGH with 0 < LOW <= HIGH", self.crop_ratio)
+        check(0 <= self.randaug_mstd <= RANDAUG_MAX_MAGNITUDE, "randaug_mstd",
+              f"a magnitude standard deviation in [0, {RANDAUG_MAX_MAGNITUDE}]", self.randaug_mstd)
+        check(self.erase_mode in ("const", "pixel"), "erase_mode", "const or pixel", self.erase_mode)
         check(0 <= self.jitter < 1, "jitter", "a color-jitter strength in [0, 1)", self.jitter)
         check(0 <= self.erase_prob <= 1, "erase_prob", "a random-erasing probability in [0, 1]",
               self.erase_prob)
@@ -269,11 +293,12 @@ class BatchAugmenter:
     """
 
     def __init__(self, spec: AugmentSpec, num_classes: int, image_size: int,
-                 fill_mean: Sequence[float] = CIFAR10_MEAN):
+                 fill_mean: Sequence[float] = CIFAR10_MEAN, fill_std: Sequence[float] = CIFAR10_STD):
         self.spec = spec.validate()
         self.num_classes = int(num_classes)
         self.image_size = int(image_size)
         self.fill_mean = tuple(float(v) for v in fill_mean)
+        self.fill_std = tuple(float(v) for v in fill_std)
         self._eager_calls = 0
         self._level = randaug_level(spec.randaug_m)
         # Explicit float32: under a mixed-precision global policy these layers would compute in float16.
@@ -303,11 +328,35 @@ class BatchAugmenter:
     # ---- the transforms, in the reference order --------------------------------------------------
     def _random_resized_crop(self, images, stream):
         n = tf.shape(images)[0]
-        side = tf.sqrt(_uniform(stream, [n], self.spec.crop_scale, 1.0))  # square: ratio (1, 1)
-        y0 = _uniform(stream, [n]) * (1.0 - side)
-        x0 = _uniform(stream, [n]) * (1.0 - side)
-        boxes = tf.stack([y0, x0, y0 + side, x0 + side], axis=1)
+        if tuple(self.spec.crop_ratio) == (1.0, 1.0):
+            side = tf.sqrt(_uniform(stream, [n], self.spec.crop_scale, 1.0))  # square: ratio (1, 1)
+            height = width = side
+            y0 = _uniform(stream, [n]) * (1.0 - side)
+            x0 = _uniform(stream, [n]) * (1.0 - side)
+        else:
+            height, width, y0, x0 = self._crop_boxes(n, stream)
+        boxes = tf.stack([y0, x0, y0 + height, x0 + width], axis=1)
         return tf.image.crop_and_resize(images, boxes, tf.range(n), [self.image_size, self.image_size])
+
+    def _crop_boxes(self, n, stream):
+        """timm's window rule in normalized coordinates of a square batch image: 10 attempts of area
+        ~ U(scale, 1) and log-uniform aspect ratio, the first that fits, else the whole image."""
+        attempts = [n, image_decode.CROP_ATTEMPTS]
+        low, high = self.spec.crop_ratio
+        area = _uniform(stream, attempts, self.spec.crop_scale, 1.0)
+        aspect = tf.exp(_uniform(stream, attempts, math.log(low), math.log(high)))
+        width, height = tf.sqrt(area * aspect), tf.sqrt(area / aspect)
+        fits = tf.logical_and(width <= 1.0, height <= 1.0)
+        first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
+        found = tf.reduce_any(fits, axis=1)
+        # Fallback on a square image: the largest centred window within the ratio range.
+        fallback_w = tf.fill([n], min(1.0, high) if low <= 1.0 else 1.0)
+        fallback_h = tf.fill([n], 1.0 if low <= 1.0 else 1.0 / low)
+        width = tf.where(found, tf.gather(width, first, batch_dims=1), fallback_w)
+        height = tf.where(found, tf.gather(height, first, batch_dims=1), fallback_h)
+        y0 = tf.where(found, _uniform(stream, [n]) * (1.0 - height), (1.0 - height) / 2)
+        x0 = tf.where(found, _uniform(stream, [n]) * (1.0 - width), (1.0 - width) / 2)
+        return height, width, y0, x0
 
     def _hflip(self, images, stream):
         flip = _uniform(stream, [tf.shape(images)[0]]) < 0.5
@@ -318,20 +367,28 @@ class BatchAugmenter:
         n = tf.shape(images)[0]
         op = tf.random.stateless_uniform([n], stream.next(), 0, len(RANDAUG_OPS), dtype=tf.int32)
         sign = tf.where(_uniform(stream, [n]) < 0.5, -1.0, 1.0)
-        return self.apply_randaug_ops(images, op, sign)
+        levels = None
+        if self.spec.randaug_mstd > 0:  # timm: magnitude ~ N(m, mstd) per op application, clipped
+            noise = tf.random.stateless_normal([n], stream.next())
+            magnitude = tf.clip_by_value(self.spec.randaug_m + self.spec.randaug_mstd * noise,
+                                         0.0, float(RANDAUG_MAX_MAGNITUDE))
+            levels = magnitude / RANDAUG_MAX_MAGNITUDE
+        return self.apply_randaug_ops(images, op, sign, levels)
 
-    def apply_randaug_ops(self, images, op, sign):
-        """Apply RANDAUG_OPS[op[i]] at this spec's magnitude with direction sign[i] to image i.
+    def apply_randaug_ops(self, images, op, sign, levels=None):
+        """Apply RANDAUG_OPS[op[i]] with direction sign[i] to image i, at normalized level levels[i]
+        (default: this spec's magnitude for every image).
 
         The batch is partitioned by op, so each op runs only on the images that drew it (about 1x the
         work of one op per slot, instead of computing all 14 on the whole batch and selecting)."""
         indices = tf.dynamic_partition(tf.range(tf.shape(images)[0]), op, len(RANDAUG_OPS))
         parts = tf.dynamic_partition(images, op, len(RANDAUG_OPS))
-        signs = tf.dynamic_partition(sign, op, len(RANDAUG_OPS))
+        signed = sign * (self._level if levels is None else levels)
+        signs = tf.dynamic_partition(signed, op, len(RANDAUG_OPS))
         # Partitions are often empty; some kernels mishandle an empty batch (Keras' min asserts,
         # TF's CPU depthwise conv returns the wrong shape), so empty ones are passed through.
         outputs = [tf.cond(tf.size(part) > 0,
-                           lambda n=name, x=part, sg=part_sign: self._randaug_single_op(n, x, self._level * sg),
+                           lambda n=name, x=part, sg=part_sign: self._randaug_single_op(n, x, sg),
                            lambda x=part: x)
                    for name, part, part_sign in zip(RANDAUG_OPS, parts, signs)]
         out = tf.dynamic_stitch(indices, outputs)
@@ -375,6 +432,16 @@ class BatchAugmenter:
             targets = layer.transform_labels(targets, transformation, training=True)
         return images, targets
 
+    def _erase(self, images, stream):
+        """Keras RandomErasing's regions; filled with the mean colour (const) or, as timm's
+        `--remode pixel`, per-pixel N(0, 1) noise in normalized space, i.e. mean + std * N(0, 1) here."""
+        transformation = self._erasing.get_random_transformation(images, training=True, seed=stream)
+        if self.spec.erase_mode == "pixel":
+            noise = tf.random.stateless_normal(tf.shape(images), stream.next())
+            transformation = dict(transformation, fill_value=tf.constant(self.fill_mean) +
+                                  tf.constant(self.fill_std) * noise)
+        return self._erasing.transform_images(images, transformation, training=True)
+
     def _mix(self, images, targets, stream):
         if self._mixup is not None and self._cutmix is not None:
             use_cutmix = _uniform(stream, []) < MIX_SWITCH_PROB
@@ -398,7 +465,7 @@ class BatchAugmenter:
         if not training or self.spec.is_identity:
             return images, targets
         spec, stream = self.spec, self._stream(step, replica_id)
-        if spec.crop_scale < 1.0:
+        if spec.crops:
             images = self._random_resized_crop(images, stream)
         if spec.hflip:
             images = self._hflip(images, stream)
@@ -407,7 +474,7 @@ class BatchAugmenter:
         if spec.jitter > 0:
             images = self._color_jitter(images, stream)
         if self._erasing is not None:
-            images, _ = self._apply_layer(self._erasing, images, None, stream)
+            images = self._erase(images, stream)
         if spec.mixes:
             images, targets = self._mix(images, targets, stream)
         return images, targets

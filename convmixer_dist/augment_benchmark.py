@@ -1,7 +1,13 @@
 """Augmentation throughput (images/s) in both placements, for sizing the input pipeline.
 
     taskset -c 0 python -m convmixer_dist.augment_benchmark --randaug_n=2 --randaug_m=12   # 1 core
-    python -m convmixer_dist.augment_benchmark --placement=on_device --image_size=224 --batch_size=64
+    python -m convmixer_dist.augment_benchmark --placement=on_device --image_size=224 --batch_size=64 \
+        --augment=rrc --crop_scale=0.08 --randaug_n=2 --randaug_m=9
+
+The augmentation is the one training would apply with the same training flags (--augment,
+--crop_scale, --randaug_n, --randaug_m, --jitter, --erase_prob, --mixup_alpha, --cutmix_alpha,
+--image_size, --seed: the definitions and defaults of `convmixer_dist.main`); `--hflip` adds the
+horizontal flip that --augment=rrc implies.
 
 `tf_data`: a repeated in-memory dataset, batched, augmented with `BatchAugmenter.map_dataset`
 (parallel map, prefetch) and iterated. `on_device`: one `tf.function` applying the augmenter to a
@@ -16,6 +22,7 @@ import time
 
 from absl import app, flags
 
+from convmixer_dist import flags as cli  # Defines the training flags (the augmentation settings).
 from convmixer_dist import rundir
 from convmixer_dist.errors import UsageError, exit_on_usage_error, parse_flags
 
@@ -23,16 +30,8 @@ from convmixer_dist.errors import UsageError, exit_on_usage_error, parse_flags
 def _define_flags() -> None:
     flags.DEFINE_enum("placement", "both", ["tf_data", "on_device", "both"], "What to time.")
     flags.DEFINE_integer("batch_size", 256, "Images per augmented batch.")
-    flags.DEFINE_integer("image_size", 32, "Square image side in pixels.")
     flags.DEFINE_integer("batches", 40, "Timed batches (after 5 warm-up batches).")
-    flags.DEFINE_float("crop_scale", 1.0, "AugmentSpec.crop_scale.")
-    flags.DEFINE_integer("randaug_n", 2, "AugmentSpec.randaug_n.")
-    flags.DEFINE_float("randaug_m", 12, "AugmentSpec.randaug_m.")
-    flags.DEFINE_float("jitter", 0.0, "AugmentSpec.jitter.")
-    flags.DEFINE_float("erase_prob", 0.0, "AugmentSpec.erase_prob.")
-    flags.DEFINE_float("mixup_alpha", 0.0, "AugmentSpec.mixup_alpha.")
-    flags.DEFINE_float("cutmix_alpha", 0.0, "AugmentSpec.cutmix_alpha.")
-    flags.DEFINE_bool("hflip", False, "AugmentSpec.hflip.")
+    flags.DEFINE_bool("hflip", False, "Also flip horizontally (as --augment=rrc does).")
     flags.DEFINE_string("output", "runs/augment_benchmark.json", "Where to write the JSON result.")
 
 
@@ -74,24 +73,28 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS
+    config = cli.config_from_flags()
     rundir.ensure_writable_file(f.output, f"--output={f.output}")
     from convmixer_dist.runtime import quiet_tensorflow_import
 
     quiet_tensorflow_import()  # augment imports TensorFlow; its import-time logs would precede errors.
-    from convmixer_dist.augment import AugmentSpec
+    from convmixer_dist.data import augment_spec
 
-    spec = AugmentSpec(crop_scale=f.crop_scale, randaug_n=f.randaug_n, randaug_m=f.randaug_m,
-                       jitter=f.jitter, erase_prob=f.erase_prob, mixup_alpha=f.mixup_alpha,
-                       cutmix_alpha=f.cutmix_alpha, hflip=f.hflip).validate()
+    spec = augment_spec(config)
+    spec = dataclasses.replace(spec, hflip=spec.hflip or f.hflip).validate()
+    if spec.is_identity:
+        raise UsageError("nothing to time: set an augmentation (e.g. --randaug_n=2 --randaug_m=12, "
+                         "--augment=rrc --crop_scale=0.35, --jitter, --erase_prob, --mixup_alpha, --hflip)")
     cores = len(os.sched_getaffinity(0))
     placements = ["tf_data", "on_device"] if f.placement == "both" else [f.placement]
-    results = {"spec": dataclasses.asdict(spec), "batch_size": f.batch_size, "image_size": f.image_size,
+    results = {"spec": dataclasses.asdict(spec), "batch_size": f.batch_size,
+               "image_size": config.image_size,
                "batches": f.batches, "cpu_cores": cores, "placements": {}}
     for placement in placements:
-        rate = benchmark(spec, placement, f.batch_size, f.image_size, f.batches)
+        rate = benchmark(spec, placement, f.batch_size, config.image_size, f.batches)
         results["placements"][placement] = {"images_per_sec": rate, "images_per_sec_per_core": rate / cores}
         print(f"{placement:9s} {rate:9.0f} images/s on {cores} core(s) = {rate / cores:8.0f} images/s/core "
-              f"(batch {f.batch_size}, {f.image_size}x{f.image_size}, {spec})", flush=True)
+              f"(batch {f.batch_size}, {config.image_size}x{config.image_size}, {spec})", flush=True)
     rundir.write_json(f.output, results)
     print(f"Saved {f.output}", flush=True)
 

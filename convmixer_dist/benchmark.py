@@ -31,6 +31,7 @@ from typing import Callable
 
 from absl import app, flags
 
+from convmixer_dist import config as cfg
 from convmixer_dist import flags as cli  # Defines the training flags.
 from convmixer_dist import rundir
 from convmixer_dist.errors import UsageError, exit_on_usage_error, parse_flags
@@ -56,9 +57,19 @@ flags.adopt_module_key_flags(cli)
 FLAGS = flags.FLAGS
 PIPELINES = ("excluded", "included")
 # Settings a --variants run may change: they leave the model, the data and the strategy as they are.
-VARIANT_CHOICES = {"precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
-                   "xla": ("auto", "on", "off"), "sync_bn": ("true", "false"),
-                   "augment_on_device": ("true", "false"), "steps_per_loop": None}
+# Their types, choices and bounds are those of the Config fields (config.py).
+VARIANT_SETTINGS = ("precision", "xla", "steps_per_loop", "sync_bn", "augment_on_device")
+
+
+def _variant_forms() -> str:
+    """`precision=auto|float32|...` for every variant setting (for the error message)."""
+    forms = []
+    for name in VARIANT_SETTINGS:
+        field = cfg.setting_field(name)
+        values = field.metadata["choices"] or (("true", "false") if cfg.setting_type(field) == "bool"
+                                               else ("N",))
+        forms.append(f"{name}={'|'.join(values)}")
+    return ", ".join(forms)
 
 
 def parse_variants(items: list[str], config) -> list[tuple[str, object]]:
@@ -67,19 +78,15 @@ def parse_variants(items: list[str], config) -> list[tuple[str, object]]:
 
     variants = []
     for item in items:
-        name, _, value = item.partition("=")
-        choices = VARIANT_CHOICES.get(name, ())
-        valid = value.isdigit() and int(value) > 0 if choices is None else value in (choices or ())
-        if not valid:
-            expected = ", ".join(f"{k}={'|'.join(v) if v else 'N'}" for k, v in VARIANT_CHOICES.items())
-            raise UsageError(f"--variants: {item!r} is not one of {expected}")
-        if choices is None:
-            typed = int(value)
-        elif choices == ("true", "false"):
-            typed = value == "true"
-        else:
-            typed = value
-        variants.append((item, dataclasses.replace(config, **{name: typed})))
+        name, _, text = item.partition("=")
+        try:
+            if name not in VARIANT_SETTINGS:
+                raise ValueError(name)
+            value = cfg.value_from_text(name, text)
+            cfg.check_setting(name, value)
+        except (ValueError, UsageError):
+            raise UsageError(f"--variants: {item!r} is not one of {_variant_forms()}") from None
+        variants.append((item, dataclasses.replace(config, **{name: value})))
     return variants
 
 

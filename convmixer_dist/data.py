@@ -19,10 +19,10 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from convmixer_dist import image_folder
+from convmixer_dist import image_decode, image_folder, tfrecord
 from convmixer_dist.augment import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD,
                                     IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, BatchAugmenter, normalize)
-from convmixer_dist.config import Config, Derived, dataset_sizes
+from convmixer_dist.config import Config, Derived, dataset_sizes, parse_crop_ratio
 from convmixer_dist.errors import UsageError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -32,7 +32,9 @@ SYNTHETIC_STD = (64.0, 64.0, 64.0)
 # Per-channel statistics in the 0..255 scale.
 NORMALIZATION = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
                  "synthetic": (SYNTHETIC_MEAN, SYNTHETIC_STD),
-                 "image_folder": (IMAGENET_MEAN, IMAGENET_STD)}
+                 "image_folder": (IMAGENET_MEAN, IMAGENET_STD), "tfrecord": (IMAGENET_MEAN, IMAGENET_STD)}
+# Datasets of encoded images of any size: the training crop is cut from each decoded original.
+ENCODED_DATASETS = ("image_folder", "tfrecord")
 
 _CIFAR_LAYOUT = {
     # dataset: (folder inside data_dir / archive, train file glob, test file name, label key)
@@ -187,6 +189,9 @@ def read_cifar(data_dir: str, dataset: str) -> dict[str, tuple[np.ndarray, np.nd
 def load_arrays(config: Config) -> dict:
     """{"train": (images or paths, labels), "test": (...)}: CIFAR arrays from `--data_dir` or
     keras.datasets (download + cache); for image_folder the file lists (+ "class_names")."""
+    if config.dataset == "tfrecord":
+        return {"tfrecord": tfrecord.load(config.data_dir, config.tfrecord_label_offset, config.num_classes),
+                "class_names": tfrecord.read_class_names(config.data_dir)}
     if config.dataset == "image_folder":
         splits, class_names = image_folder.list_image_folder_splits(config.data_dir)
         return {"train": tuple(np.asarray(v) for v in splits["train"]),
@@ -209,6 +214,8 @@ def split_sizes(config: Config, arrays: dict | None) -> tuple[int, int]:
     """(training, evaluation) examples: of the loaded `arrays`, or the dataset's known sizes (synthetic)."""
     if arrays is None:
         return dataset_sizes(config)
+    if "tfrecord" in arrays:
+        return arrays["tfrecord"].train_size, arrays["tfrecord"].eval_size
     return len(arrays["train"][0]), len(arrays["test"][0])
 
 
@@ -248,12 +255,13 @@ def _example_fn(config: Config, split: str, arrays) -> Callable:
     """index -> (uint8 image at config.image_size, int32 label), in-graph (random access by index)."""
     if config.dataset == "synthetic":
         # Eval indices are offset so they never coincide with training examples.
-        offset = 0 if split == "train" else 1 << 30
+        offset = 1 << 30 if split == "eval" else 0
         return lambda i: synthetic_example(i + offset, config.seed, config.image_size, config.num_classes)
-    images, labels = arrays["train" if split == "train" else "test"]
+    images, labels = arrays["test" if split == "eval" else "train"]
     images, labels = tf.constant(images), tf.constant(labels, tf.int32)
     if config.dataset == "image_folder":  # `images` are file paths, decoded in the pipeline.
-        return lambda i: (image_folder.decode_and_resize(tf.gather(images, i), config.image_size),
+        fraction = config.eval_crop_fraction if split != "train" else 1.0
+        return lambda i: (image_folder.decode_and_resize(tf.gather(images, i), config.image_size, fraction),
                           tf.gather(labels, i))
     resize = images.shape[1] != config.image_size
 
@@ -288,10 +296,31 @@ def shard_size(total: int, num_shards: int, index: int) -> int:
     return len(range(index, total, num_shards))
 
 
+def crops_per_example(config: Config) -> bool:
+    """True when the random-resized crop is cut per example from the decoded original image (image
+    folders and TFRecords with --augment=rrc) instead of from the batched, same-size images."""
+    return config.dataset in ENCODED_DATASETS and config.augment == "rrc"
+
+
+def train_crop_fn(config: Config) -> Callable:
+    """(encoded bytes or file path, seed) -> the random-resized training crop, uint8."""
+    scale, ratio = (config.crop_scale, 1.0), parse_crop_ratio(config.crop_ratio)
+    if config.dataset == "image_folder":
+        return lambda path, seed: image_folder.decode_train_crop(path, seed, config.image_size, scale,
+                                                                 ratio, config.decode_crop)
+    return lambda data, seed: image_decode.decode_random_crop(data, seed, config.image_size, scale,
+                                                              ratio, config.decode_crop)
+
+
 def augment_spec(config: Config, pipeline: int = 0) -> AugmentSpec:
-    """The heavy (batched) augmentations of the config; identity when none is set."""
-    return AugmentSpec(crop_scale=config.crop_scale, randaug_n=config.randaug_n,
-                       randaug_m=config.randaug_m, jitter=config.jitter, erase_prob=config.erase_prob,
+    """The heavy (batched) augmentations of the config; identity when none is set. The crop is not
+    among them when it is cut per example (`crops_per_example`)."""
+    batch_crop = not crops_per_example(config)
+    return AugmentSpec(crop_scale=config.crop_scale if batch_crop else 1.0,
+                       crop_ratio=parse_crop_ratio(config.crop_ratio) if batch_crop else (1.0, 1.0),
+                       randaug_n=config.randaug_n, randaug_m=config.randaug_m,
+                       randaug_mstd=config.randaug_mstd, erase_mode=config.erase_mode,
+                       jitter=config.jitter, erase_prob=config.erase_prob,
                        mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
                        hflip=config.augment == "rrc", seed=(config.seed * 31 + pipeline) % 2 ** 31)
 
@@ -301,8 +330,8 @@ def make_augmenter(config: Config, pipeline: int = 0) -> BatchAugmenter | None:
     spec = augment_spec(config, pipeline)
     if spec.is_identity:
         return None
-    return BatchAugmenter(spec, config.num_classes, config.image_size,
-                          fill_mean=NORMALIZATION[config.dataset][0])
+    mean, std = NORMALIZATION[config.dataset]
+    return BatchAugmenter(spec, config.num_classes, config.image_size, fill_mean=mean, fill_std=std)
 
 
 def validation_split(config: Config, train_size: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -324,7 +353,7 @@ def make_dataset_fn(config: Config, derived: Derived, split: str, arrays=None,
     """
     mean, std = NORMALIZATION[config.dataset]
     batch = derived.per_replica_batch_size
-    example = _example_fn(config, "eval" if split == "eval" else "train", arrays)
+    example = None if config.dataset == "tfrecord" else _example_fn(config, split, arrays)
     if split != "eval" and ids is None:
         # The split is a pure function of the config: a caller cannot forget it and train on the
         # validation examples.
@@ -337,41 +366,86 @@ def make_dataset_fn(config: Config, derived: Derived, split: str, arrays=None,
                          "derive() must count the training ids only")
     id_table = None if ids is None else tf.constant(ids, tf.int64)
 
+    def train_examples(pipeline: int, pipelines: int) -> tf.data.Dataset:
+        """This pipeline's unbatched (uint8 image, label) training stream from `start_step`."""
+        # Each global step consumes global_batch_size examples (all micro-batches of the step).
+        local = config.global_batch_size // pipelines
+        aug_seed = tf.constant(config.seed * 7919, tf.int64)
+        if config.dataset == "tfrecord":
+            # Each pipeline reads its own files: its own stream, positions counted per pipeline.
+            records = arrays["tfrecord"]
+            crop = train_crop_fn(config) if crops_per_example(config) else None
+            seed = (aug_seed * 1009 + pipeline)
+
+            def load_record(position, serialized):
+                data, label = tfrecord.parse(serialized, config.tfrecord_label_offset)
+                if crop is not None:
+                    return crop(data, tf.stack([seed, position])), label
+                image = image_decode.center_crop(image_decode.decode_full(data), config.image_size)
+                if config.augment == "basic":
+                    image = basic_augment(image, tf.stack([seed, position]), config.image_size)
+                return image, label
+
+            ds = tfrecord.train_records(records.train_files, records.train_counts, pipeline, pipelines,
+                                        config.seed * 997, start_step * local)
+            return ds.map(load_record, num_parallel_calls=AUTOTUNE)
+        # One global stream for every topology: each global step takes the next global batch,
+        # and this pipeline reads (only) the slice that belongs to its replicas. So 2 workers x 1
+        # replica see exactly the batches of 1 worker x 2 replicas, or of one device.
+        first = pipeline * local
+        ds = _train_indices(derived.train_size, config.seed * 997, start_step * config.global_batch_size)
+        ds = ds.batch(config.global_batch_size, drop_remainder=True)
+        ds = ds.map(lambda pos, idx: (pos[first:first + local], idx[first:first + local])).unbatch()
+        crop = train_crop_fn(config) if crops_per_example(config) else None
+        paths = (tf.constant(arrays["train"][0]) if crop is not None else None)
+        labels = (tf.constant(arrays["train"][1], tf.int32) if crop is not None else None)
+
+        def load(position, index):
+            index = index if id_table is None else tf.gather(id_table, index)
+            if crop is not None:
+                return crop(tf.gather(paths, index), tf.stack([aug_seed, position])), tf.gather(labels, index)
+            image, label = example(index)
+            if config.augment == "basic":
+                image = basic_augment(image, tf.stack([aug_seed, position]), config.image_size)
+            return image, label
+
+        return ds.map(load, num_parallel_calls=AUTOTUNE)
+
+    def eval_examples(pipeline: int, pipelines: int) -> tf.data.Dataset:
+        """This pipeline's share of the evaluation split, every example once, unbatched."""
+        if config.dataset == "tfrecord":
+            records = arrays["tfrecord"]
+
+            def load_record(serialized):
+                data, label = tfrecord.parse(serialized, config.tfrecord_label_offset)
+                image = image_decode.center_crop(image_decode.decode_full(data), config.image_size,
+                                                 config.eval_crop_fraction)
+                return image, label
+
+            return tfrecord.eval_records(records.eval_files, records.eval_counts, pipeline,
+                                         pipelines).map(load_record, num_parallel_calls=AUTOTUNE)
+        if id_table is None:
+            ds = tf.data.Dataset.range(pipeline, derived.eval_size, pipelines)
+        else:
+            ds = tf.data.Dataset.from_tensor_slices(id_table).shard(pipelines, pipeline)
+        return ds.map(example, num_parallel_calls=AUTOTUNE)
+
     def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
         pipeline, pipelines = ctx.input_pipeline_id, ctx.num_input_pipelines
         if split == "train":
-            # One global stream for every topology: each global step takes the next global batch,
-            # and this pipeline reads (only) the slice that belongs to its replicas. So 2 workers x 1
-            # replica see exactly the batches of 1 worker x 2 replicas, or of one device.
-            local = batch * (ctx.num_replicas_in_sync // pipelines)
-            first = pipeline * local
-            ds = _train_indices(derived.train_size, config.seed * 997, start_step * config.global_batch_size)
-            ds = ds.batch(config.global_batch_size, drop_remainder=True)
-            ds = ds.map(lambda pos, idx: (pos[first:first + local], idx[first:first + local])).unbatch()
-            aug_seed = tf.constant(config.seed * 7919, tf.int64)
-
-            def load(position, index):
-                image, label = example(index if id_table is None else tf.gather(id_table, index))
-                if config.augment == "basic":
-                    image = basic_augment(image, tf.stack([aug_seed, position]), config.image_size)
-                return image, label
-
-            ds = ds.map(load, num_parallel_calls=AUTOTUNE).batch(batch, drop_remainder=True)
+            ds = train_examples(pipeline, pipelines)
+            ds = ds.batch(batch, drop_remainder=True)
             augmenter = make_augmenter(config, pipeline)
             if augmenter is not None and config.augment_on_device:
                 # Raw uint8 batches; the train step augments and normalizes on the device.
                 return ds.prefetch(AUTOTUNE)
             if augmenter is not None:
-                # Batch k of this pipeline is step k // replicas; its augmentation seed is k.
-                first = start_step * (ctx.num_replicas_in_sync // pipelines)
+                # Batch k of this pipeline is micro-batch k // replicas; its augmentation seed is k.
+                first = start_step * config.grad_accum_steps * (ctx.num_replicas_in_sync // pipelines)
                 ds = augmenter.map_dataset(ds, start_step=first)
         else:
-            if id_table is None:
-                ds = tf.data.Dataset.range(pipeline, derived.eval_size, pipelines)
-            else:
-                ds = tf.data.Dataset.from_tensor_slices(id_table).shard(pipelines, pipeline)
             # Keep the partial batch: every example is evaluated exactly once.
-            ds = ds.map(example, num_parallel_calls=AUTOTUNE).batch(batch)
+            ds = eval_examples(pipeline, pipelines).batch(batch)
         ds = ds.map(lambda x, y: (normalize(x, mean, std), y), num_parallel_calls=AUTOTUNE)
         return ds.prefetch(AUTOTUNE)
 

@@ -36,6 +36,7 @@ from typing import Iterator, Sequence
 
 import tensorflow as tf
 
+from convmixer_dist import image_decode
 from convmixer_dist.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -143,21 +144,29 @@ def list_image_folder_splits(data_dir: str, check_files: bool = True
     return {"train": (train_paths, train_labels), "val": (val_paths, val_labels)}, class_names
 
 
-def decode_and_resize(path: tf.Tensor, image_size: int, crop_fraction: float = 1.0) -> tf.Tensor:
-    """Read, check the signature (error names the file), decode to 3 channels, resize the shorter side
-    to image_size / crop_fraction (keeping the aspect ratio), centre-crop image_size; uint8 HxWx3."""
+def read_checked(path: tf.Tensor) -> tf.Tensor:
+    """The file's bytes, after checking its image signature in the pipeline (the error names the file)."""
     data = tf.io.read_file(path)
     head = tf.strings.substr(data, 0, 8)
     signature_ok = tf.reduce_any(tf.stack([tf.equal(tf.strings.substr(head, 0, len(sig)), sig)
                                            for sig in _SIGNATURES]))
     with tf.control_dependencies([tf.debugging.Assert(signature_ok, [_CORRUPT_MARKER, path])]):
-        image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = (image_size / crop_fraction) / tf.reduce_min(shape)
-    resized_hw = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), image_size)
-    image = tf.image.resize(image, resized_hw, method="bilinear", antialias=True)
-    image = tf.image.resize_with_crop_or_pad(image, image_size, image_size)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+        return tf.identity(data)
+
+
+def decode_and_resize(path: tf.Tensor, image_size: int, crop_fraction: float = 1.0) -> tf.Tensor:
+    """Read, check the signature, decode to 3 channels, then timm's evaluation transform: shorter side
+    to image_size / crop_fraction (bicubic), central image_size crop; uint8 HxWx3."""
+    return image_decode.center_crop(image_decode.decode_full(read_checked(path)), image_size,
+                                    crop_fraction)
+
+
+def decode_train_crop(path: tf.Tensor, seed, image_size: int, scale: Sequence[float],
+                      ratio: Sequence[float], decode_crop: bool = True) -> tf.Tensor:
+    """Read, check the signature, and decode the random-resized training crop of the original image
+    (only the crop window of a JPEG with `decode_crop`); uint8 image_size x image_size x 3."""
+    return image_decode.decode_random_crop(read_checked(path), seed, image_size, scale, ratio,
+                                           decode_crop)
 
 
 def image_folder_dataset(paths: Sequence[str], labels: Sequence[int], image_size: int,

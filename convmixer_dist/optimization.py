@@ -6,9 +6,11 @@ module handles:
 - global-norm clipping must see the summed gradient, not one replica's share: we all-reduce, clip,
   and hand each replica `sum / replicas` (the optimizer's own sum restores the clipped total);
 - with float16 loss scaling, one replica's Inf must make every replica skip the step, or the others
-  apply it and poison the mirrored weights (see shared/TF-NOTES.md): replicas agree on non-finite first.
+  apply it and poison the mirrored weights (a Keras 3 bug): replicas agree on non-finite first.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import keras
 import tensorflow as tf
@@ -18,17 +20,29 @@ from convmixer_dist.precision import wrap_optimizer
 from convmixer_dist.schedule import create_schedule
 
 
-def create_optimizer(config: Config, total_steps: int, policy: str, lr_scale=None
-                     ) -> keras.optimizers.Optimizer:
+def create_optimizer(config: Config, total_steps: int, policy: str, lr_scale=None,
+                     variables: Sequence | None = None) -> keras.optimizers.Optimizer:
     """AdamW with the configured schedule and epsilon (PyTorch's 1e-8 by default); loss-scaled for fp16.
 
-    `lr_scale` (a variable) multiplies the schedule; NaN rollbacks lower it.
+    `lr_scale` (a variable) multiplies the schedule; NaN rollbacks lower it. With
+    `--wd_exclude_bias_bn`, the 1-D parameters among `variables` (biases, BatchNorm gamma/beta) get no
+    weight decay, as timm's `param_groups_weight_decay`; call before the optimizer is built.
     """
     schedule = create_schedule(config.lr_schedule, config.learning_rate, total_steps,
                                config.warmup_steps, lr_scale)
     inner = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay,
                                    beta_1=0.9, beta_2=0.999, epsilon=config.adam_epsilon)
+    if config.wd_exclude_bias_bn:
+        if variables is None:
+            raise ValueError("--wd_exclude_bias_bn needs the model's variables")
+        inner.exclude_from_weight_decay(var_list=no_decay_variables(variables))
     return wrap_optimizer(inner, policy)
+
+
+def no_decay_variables(variables: Sequence) -> list:
+    """The parameters timm keeps out of weight decay: every one with fewer than 2 dimensions
+    (biases, BatchNorm gamma and beta; the convolution and dense kernels keep their decay)."""
+    return [v for v in variables if len(v.shape) <= 1]
 
 
 def loss_scale(optimizer: keras.optimizers.Optimizer):

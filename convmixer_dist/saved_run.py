@@ -15,7 +15,7 @@ import dataclasses
 import os
 from typing import Mapping
 
-from convmixer_dist.config import Config, read_flagfile
+from convmixer_dist.config import Config, read_flagfile, settings, value_from_text
 from convmixer_dist.errors import UsageError
 from convmixer_dist.rundir import FLAGS_FILE
 
@@ -35,18 +35,6 @@ CIFAR100_CLASSES = (
     "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm")
 
 
-def _convert(field: dataclasses.Field, text: str, source: str):
-    kind = field.type if isinstance(field.type, str) else field.type.__name__
-    try:
-        if kind == "bool":
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(text)
-            return text.lower() in ("true", "1")
-        return {"int": int, "float": float, "str": str}[kind](text)
-    except (ValueError, KeyError):
-        raise UsageError(f"{source}: --{field.name}={text} is not a valid {kind}") from None
-
-
 def load_run_config(model_dir: str, overrides: Mapping[str, str] | None = None) -> Config:
     """The run's Config from MODEL_DIR/flags.txt (model_dir set to `model_dir`), with `overrides`
     ({flag name: value text}) applied, validated like a training run."""
@@ -64,11 +52,13 @@ def load_run_config(model_dir: str, overrides: Mapping[str, str] | None = None) 
         raise UsageError(f"{path} is unreadable ({err.__class__.__name__})") from None
     values.update(overrides or {})
     values["model_dir"] = model_dir
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted(set(values) - {field.name for field in settings()})
     if unknown:
         raise UsageError(f"{path}: unknown flags {unknown} (written by another version?)")
-    config = Config(**{name: _convert(fields[name], text, path) for name, text in values.items()})
+    try:
+        config = Config(**{name: value_from_text(name, text) for name, text in values.items()})
+    except ValueError as err:
+        raise UsageError(f"{path}: {err}") from None
     cli.validate(config)
     return config
 

@@ -54,9 +54,17 @@ def use_xla(config: Config, kind: str) -> bool:
 
 
 def make_train_loop(strategy, model, optimizer, config: Config, derived: Derived, xla: bool) -> Callable:
-    """A tf.function running `num_steps` training steps; returns summed (loss, correct, count)."""
+    """A tf.function running `num_steps` training (optimizer) steps; returns summed (loss, correct,
+    count).
+
+    With `--grad_accum_steps=K` each optimizer step reads K micro-batches from the iterator, sums
+    their gradients on each replica (each micro-batch loss is already divided by the whole global
+    batch, so the sum is the mean over all K micro-batches), then clips and applies once: one
+    all-reduce per optimizer step, and steps, schedules and checkpoints count optimizer steps.
+    """
     variables = model.trainable_variables
     global_batch = config.global_batch_size
+    accum = config.grad_accum_steps
     # --augment_on_device: the pipeline delivers raw batches; augment + normalize here, batched.
     augmenter = data.make_augmenter(config) if config.augment_on_device else None
     mean, std = data.NORMALIZATION[config.dataset]
@@ -72,8 +80,8 @@ def make_train_loop(strategy, model, optimizer, config: Config, derived: Derived
             per_example = keras.losses.categorical_crossentropy(
                 targets, logits, from_logits=True, label_smoothing=config.label_smoothing)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
-            if model.losses:
-                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            if model.losses:  # once per optimizer step in total, spread over the micro-batches
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses)) / accum
             scaled = optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, variables)
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels),
@@ -84,14 +92,33 @@ def make_train_loop(strategy, model, optimizer, config: Config, derived: Derived
         # Only forward+backward is compiled: compiling the update under a strategy fails on CPU.
         forward_backward = tf.function(forward_backward, jit_compile=True)
 
-    def replica_step(images, labels, poison, step):
+    def micro_step(images, labels, poison, micro):
+        """Gradients (summing to the global-batch mean) and sums of one micro-batch; `micro` numbers
+        the micro-batches of the run (the on-device augmentation's step)."""
         if augmenter is not None:
-            images, labels = augmenter(images, labels, step=step)
+            images, labels = augmenter(images, labels, step=micro)
             images = data.normalize(images, mean, std)
         grads, loss_sum, correct = forward_backward(images, labels, poison)
+        return grads, loss_sum, correct, tf.cast(tf.shape(labels)[0], tf.float32)
+
+    def apply(grads):
         grads = optimization.prepare_gradients(grads, config.clip_norm, optimization.loss_scale(optimizer))
         optimizer.apply_gradients(zip(grads, variables))
-        return loss_sum, correct, tf.cast(tf.shape(labels)[0], tf.float32)
+
+    def replica_step(images, labels, poison, step):
+        grads, loss_sum, correct, count = micro_step(images, labels, poison, step)
+        apply(grads)
+        return loss_sum, correct, count
+
+    def replica_accumulated_step(images, labels, poison, step):
+        """`images`/`labels`: the K micro-batches of this replica, stacked on a leading axis."""
+        grads, loss_sum, correct, count = micro_step(images[0], labels[0], poison, step * accum)
+        for k in tf.range(1, accum):  # a graph loop: the graph does not grow with K
+            more = micro_step(images[k], labels[k], poison, step * accum + tf.cast(k, tf.int64))
+            grads = [g + m for g, m in zip(grads, more[0])]
+            loss_sum, correct, count = loss_sum + more[1], correct + more[2], count + more[3]
+        apply(grads)
+        return loss_sum, correct, count
 
     @tf.function
     def train_loop(iterator, num_steps, first_step, nan_at_step):
@@ -99,10 +126,17 @@ def make_train_loop(strategy, model, optimizer, config: Config, derived: Derived
         fault-injection hook for tests, 0 = never) gets a NaN loss."""
         totals = [tf.constant(0.0), tf.constant(0.0), tf.constant(0.0)]
         for i in tf.range(num_steps):
-            images, labels = next(iterator)
             step = first_step + tf.cast(i, tf.int64)
             poison = tf.where(step + 1 == nan_at_step, float("nan"), 1.0)
-            per_replica = strategy.run(replica_step, args=(images, labels, poison, step))
+            if accum == 1:
+                images, labels = next(iterator)
+                per_replica = strategy.run(replica_step, args=(images, labels, poison, step))
+            else:
+                micro = [next(iterator) for _ in range(accum)]
+                stacked = strategy.run(lambda *b: (tf.stack(b[0::2]), tf.stack(b[1::2])),
+                                       args=tuple(x for pair in micro for x in pair))
+                per_replica = strategy.run(replica_accumulated_step,
+                                           args=(stacked[0], stacked[1], poison, step))
             totals = [t + strategy.reduce(SUM, v, axis=None) for t, v in zip(totals, per_replica)]
         return totals
 
@@ -235,14 +269,15 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
     moved = rundir.prepare_model_dir(config, chief)
     if moved:
         _say(chief, f"--overwrite: moved the previous run to {moved}")
-    if chief and arrays and "class_names" in arrays:
+    if chief and arrays and arrays.get("class_names"):
         image_folder.save_class_names(config.model_dir, arrays["class_names"])
 
     # ---- model, optimizer, checkpoint
     with strategy.scope():
         model = create_model(config)
         lr_scale = tf.Variable(1.0, trainable=False, name="lr_scale")
-        optimizer = optimization.create_optimizer(config, derived.total_steps, policy, lr_scale)
+        optimizer = optimization.create_optimizer(config, derived.total_steps, policy, lr_scale,
+                                                  model.trainable_variables)
         # Keras 3 creates slots lazily, which fails inside a distributed tf.function: build them now.
         optimizer.build(model.trainable_variables)
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")

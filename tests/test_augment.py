@@ -284,3 +284,62 @@ def test_dataset_statistics_agree_with_the_input_pipeline():
     assert (augment.CIFAR100_MEAN, augment.CIFAR100_STD) == data.NORMALIZATION["cifar100"]
     np.testing.assert_allclose(np.array(augment.IMAGENET_MEAN) / 255, [0.485, 0.456, 0.406])
     np.testing.assert_allclose(np.array(augment.IMAGENET_STD) / 255, [0.229, 0.224, 0.225])
+
+
+# ---- timm's ImageNet additions: crop aspect ratio, magnitude noise, per-pixel erasing ----------------
+def test_defaults_keep_the_cifar_recipe_draws():
+    # crop_ratio (1, 1), randaug_mstd 0 and erase_mode const draw nothing extra: same output as a
+    # spec that never heard of them.
+    images, labels = _batch(8)
+    spec = dataclasses.replace(PER_IMAGE, crop_ratio=(1.0, 1.0), randaug_mstd=0.0, erase_mode="const")
+    a, _ = BatchAugmenter(PER_IMAGE, NUM_CLASSES, SIZE)(images, labels, step=4)
+    b, _ = BatchAugmenter(spec, NUM_CLASSES, SIZE)(images, labels, step=4)
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_crop_ratio_gives_non_square_windows_within_the_range():
+    augmenter = BatchAugmenter(AugmentSpec(crop_scale=0.08, crop_ratio=(0.75, 4 / 3)), NUM_CLASSES, SIZE)
+    stream = augmenter._stream(0, 0)
+    height, width, y0, x0 = (t.numpy() for t in augmenter._crop_boxes(4000, stream))
+    ratio = width / height
+    assert ratio.min() >= 0.75 - 1e-6 and ratio.max() <= 4 / 3 + 1e-6
+    assert np.abs(np.log(ratio)).mean() > 0.1  # not square
+    assert (y0 >= 0).all() and (y0 + height <= 1 + 1e-6).all() and (x0 + width <= 1 + 1e-6).all()
+
+
+def test_randaug_magnitude_noise_varies_the_magnitude_per_image():
+    images, _ = _batch(1)
+    batch = tf.repeat(images, 64, 0)
+    base = dataclasses.replace(AugmentSpec(), randaug_n=1, randaug_m=15, seed=3)
+    op = tf.fill([64], RANDAUG_OPS.index("brightness"))
+    sign = tf.ones([64])
+    fixed = BatchAugmenter(base, NUM_CLASSES, SIZE).apply_randaug_ops(batch, op, sign).numpy()
+    assert np.ptp(fixed.reshape(64, -1).mean(1)) < 1e-3   # one magnitude for every image
+    noisy_spec = dataclasses.replace(base, randaug_mstd=3.0)
+    augmenter = BatchAugmenter(noisy_spec, NUM_CLASSES, SIZE)
+    levels = tf.clip_by_value(15 + 3.0 * tf.random.stateless_normal([64], [1, 2]), 0, 30) / 30
+    noisy = augmenter.apply_randaug_ops(batch, op, sign, levels).numpy()
+    factors = noisy.reshape(64, -1).mean(1) / images.numpy().mean()
+    # brightness factor = 1 + 0.9 * level; the recovered magnitudes have the requested spread
+    magnitudes = (factors - 1) / 0.9 * 30
+    assert 2.0 < magnitudes.std() < 4.0 and abs(magnitudes.mean() - 15) < 1.5
+    out, _ = augmenter(batch, tf.zeros([64], tf.int32), step=0)  # the full path draws levels
+    assert out.shape == batch.shape
+
+
+def test_pixel_erasing_fills_with_per_pixel_noise_and_const_with_the_mean():
+    images = tf.fill([32, SIZE, SIZE, 3], 0.0)
+    labels = tf.zeros([32], tf.int32)
+    mean, std = (100.0, 110.0, 120.0), (50.0, 55.0, 60.0)
+    outs = {}
+    for mode in ("const", "pixel"):
+        spec = AugmentSpec(erase_prob=1.0, erase_mode=mode, seed=5)
+        outs[mode], _ = BatchAugmenter(spec, NUM_CLASSES, SIZE, fill_mean=mean, fill_std=std)(
+            images, labels, step=0)
+    const, pixel = outs["const"].numpy(), outs["pixel"].numpy()
+    erased = const[..., 0] != 0
+    assert erased.any() and (pixel[..., 0] != 0)[erased].all()   # the same regions
+    np.testing.assert_allclose(const[erased], np.broadcast_to(mean, const[erased].shape))
+    values = pixel[erased]
+    np.testing.assert_allclose(values.mean(0), mean, atol=3)
+    np.testing.assert_allclose(values.std(0), std, rtol=0.05)

@@ -159,3 +159,38 @@ def test_save_and_load_class_names(tmp_path):
     assert json.load(open(path)) == ["ant", "cat"]
     assert image_folder.load_class_names(model_dir) == ["ant", "cat"]
     assert image_folder.load_class_names(str(tmp_path)) is None
+
+
+def test_rrc_training_crops_each_original_image_and_resumes_exactly(tmp_path):
+    # --augment=rrc on an image folder: the crop is cut from the decoded original (per example,
+    # seeded by the stream position), not from a pre-resized square; resume reproduces the stream.
+    from convmixer_dist import data
+    from convmixer_dist.config import derive
+    from helpers import tiny_config
+
+    root = _make_tree(tmp_path / "tree", per_class=4)
+    config = tiny_config(str(tmp_path / "run"), dataset="image_folder", data_dir=root, num_classes=3,
+                         image_size=16, global_batch_size=4, augment="rrc", crop_scale=0.08,
+                         crop_ratio="0.75,1.3333333", eval_crop_fraction=0.875)
+    arrays = data.load_arrays(config)
+    derived = derive(config, 1, *data.split_sizes(config, arrays))
+    strategy = tf.distribute.get_strategy()
+
+    def batches(start, count):
+        iterator = iter(data.train_dataset(strategy, config, derived, arrays, start))
+        return [next(iterator) for _ in range(count)]
+
+    full = batches(0, 6)
+    assert full[0][0].shape == (4, 16, 16, 3)
+    for (a, la), (b, lb) in zip(full[2:], batches(2, 4)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_array_equal(la.numpy(), lb.numpy())
+    # Solid-colour images: any crop of the original keeps the class colour (flip changes nothing).
+    mean, std = np.array(data.NORMALIZATION["image_folder"][0]), np.array(data.NORMALIZATION["image_folder"][1])
+    names = arrays["class_names"]
+    for images, labels in full:
+        pixels = images.numpy() * std + mean
+        for image, label in zip(pixels, labels.numpy().argmax(-1)):  # one-hot targets
+            np.testing.assert_allclose(image.mean((0, 1)), COLORS[names[label]], atol=6)
+    eval_images, _ = next(iter(data.eval_dataset(strategy, config, derived, arrays)))
+    assert eval_images.shape[1:] == (16, 16, 3)

@@ -153,3 +153,46 @@ def test_memorising_noise_stays_at_chance_on_the_validation_split(tmp_path):
     val_acc = [float(a) for a in re.findall(r"validation loss \S+ acc (\S+)", out)]
     assert len(val_acc) == 25 and train_acc[-1] > 0.95  # memorised the training half
     assert max(val_acc[-5:]) < 0.2  # chance is 0.1; the leak gave 0.55
+
+
+def _no_bn_model(config):
+    """A model without BatchNorm (its statistics depend on the micro-batch), with biases."""
+    return keras.Sequential([keras.Input((config.image_size, config.image_size, 3)),
+                             keras.layers.Conv2D(6, 3, activation="gelu"), keras.layers.Flatten(),
+                             keras.layers.Dense(config.num_classes)])
+
+
+def _weights_after_steps(config, strategy, steps=3):
+    from convmixer_dist import data
+    from convmixer_dist.config import derive
+
+    derived = derive(config, strategy.num_replicas_in_sync)
+    with strategy.scope():
+        keras.utils.set_random_seed(3)
+        model = _no_bn_model(config)
+        optimizer = optimization.create_optimizer(config, derived.total_steps, "float32",
+                                                  variables=model.trainable_variables)
+        optimizer.build(model.trainable_variables)
+    loop = train.make_train_loop(strategy, model, optimizer, config, derived, xla=False)
+    iterator = iter(data.train_dataset(strategy, config, derived))
+    totals = loop(iterator, tf.constant(steps), tf.constant(0, tf.int64), tf.constant(0, tf.int64))
+    return [v.numpy() for v in model.trainable_variables], [float(t) for t in totals], optimizer
+
+
+@pytest.mark.parametrize("replicas,accum", [(1, 4), (2, 2)])
+def test_accumulated_micro_batches_give_the_update_of_one_large_batch(tmp_path, replicas, accum):
+    # K micro-batches of B == one batch of K*B: same examples per optimizer step (the stream is
+    # one global order), loss averaged over all of them, clipping on the accumulated gradient.
+    common = dict(global_batch_size=16, lr_schedule="constant", clip_norm=0.05, adam_epsilon=1e-3,
+                  augment="none", weight_decay=0.1, wd_exclude_bias_bn=True)
+    one = tiny_config(str(tmp_path / "one"), **common)
+    accumulated = tiny_config(str(tmp_path / "acc"), grad_accum_steps=accum, **common,
+                              **({"strategy": "mirrored", "cpu_replicas": 2} if replicas == 2 else {}))
+    w1, t1, opt1 = _weights_after_steps(one, strategy_lib.create_strategy(one))
+    w2, t2, opt2 = _weights_after_steps(accumulated, strategy_lib.create_strategy(accumulated))
+    assert int(opt1.iterations.numpy()) == int(opt2.iterations.numpy()) == 3  # optimizer steps
+    np.testing.assert_allclose(t2, t1, rtol=1e-5)  # loss sum, correct, count (48 examples)
+    assert t2[2] == 48
+    for a, b in zip(w1, w2):
+        np.testing.assert_allclose(b, a, atol=1e-6, rtol=0)
+    assert not np.allclose(w1[0], _weights_after_steps(one, strategy_lib.create_strategy(one), 2)[0][0])
