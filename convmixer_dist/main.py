@@ -17,11 +17,12 @@ import sys
 from absl import app, flags, logging
 
 from convmixer_dist import flags as cli  # Defines the flags.
-from convmixer_dist import rundir
+from convmixer_dist import preemption, rundir
 from convmixer_dist.errors import UsageError, report_and_exit
 
 EXIT_DIVERGED = 3  # Non-finite loss/weights; the last good checkpoint is kept.
-EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1: checkpoint saved, rerun to resume (EX_TEMPFAIL).
+EXIT_PREEMPTED = preemption.EXIT_PREEMPTED  # SIGTERM/SIGUSR1: checkpoint saved, rerun to resume.
+EXIT_INTERRUPTED = preemption.EXIT_INTERRUPTED  # Ctrl-C: checkpoint saved, rerun to resume.
 
 flags.adopt_module_key_flags(cli)  # `--help` lists the training flags, not only absl's own.
 
@@ -50,9 +51,11 @@ def run(argv: list[str]) -> dict:
     except train.TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_DIVERGED)
-    except train.Preempted as err:
-        print(f"preempted: {err}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_PREEMPTED)
+    except (train.Preempted, preemption.StopRequested) as err:
+        code = preemption.exit_code()  # 75 for SIGTERM/SIGUSR1, 130 for Ctrl-C
+        print(f"{'interrupted' if code == EXIT_INTERRUPTED else 'preempted'}: {err}", file=sys.stderr,
+              flush=True)
+        sys.exit(code)
     # Every worker states its final weights, so a multi-worker run can be checked for agreement.
     print(f"weights_sha256 {summary['weights_sha256']} weights_abs_sum {summary['weights_abs_sum']!r}",
           flush=True)
@@ -64,6 +67,9 @@ def run(argv: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> None:
+    # First, before TensorFlow starts threads: stop signals go to one thread that can stop a
+    # running multi-step call at the next step (see preemption.py).
+    preemption.install_signal_thread()
     try:
         run(argv)
     except UsageError as err:

@@ -222,7 +222,8 @@ _HELD: set[str] = set()
 
 
 @atexit.register
-def _release_all() -> None:
+def release_all_locks() -> None:
+    """Release every lock this process holds (at exit, and before an immediate exit)."""
     for path in list(_HELD):
         release_run_lock(os.path.dirname(path))
 

@@ -23,6 +23,7 @@ from convmixer_dist.checkpoint import CheckpointSaver
 from convmixer_dist.config import Config, Derived, derive
 from convmixer_dist.model import build_convmixer, count_params
 from convmixer_dist.precision import resolve_precision
+from convmixer_dist import preemption
 from convmixer_dist.preemption import PreemptionWatcher
 from convmixer_dist.profiling import (ProfileWindow, check_profile_window, parse_profile_steps,
                                       start_profiler_server)
@@ -53,9 +54,11 @@ def use_xla(config: Config, kind: str) -> bool:
     return config.xla == "on" or (config.xla == "auto" and kind == "gpu")
 
 
-def make_train_loop(strategy, model, optimizer, config: Config, derived: Derived, xla: bool) -> Callable:
+def make_train_loop(strategy, model, optimizer, config: Config, derived: Derived, xla: bool,
+                    stop_flag: tf.Variable | None = None) -> Callable:
     """A tf.function running `num_steps` training (optimizer) steps; returns summed (loss, correct,
-    count).
+    count) and the number of steps run: fewer than `num_steps` when `stop_flag` (see
+    preemption.stop_flag) is raised during the call, so a stop signal is honoured at the next step.
 
     With `--grad_accum_steps=K` each optimizer step reads K micro-batches from the iterator, sums
     their gradients on each replica (each micro-batch loss is already divided by the whole global
@@ -125,7 +128,10 @@ def make_train_loop(strategy, model, optimizer, config: Config, derived: Derived
         """`num_steps` steps from global step `first_step`; the step numbered `nan_at_step` (a
         fault-injection hook for tests, 0 = never) gets a NaN loss."""
         totals = [tf.constant(0.0), tf.constant(0.0), tf.constant(0.0)]
+        done = tf.constant(0, tf.int32)
         for i in tf.range(num_steps):
+            if stop_requested():
+                break
             step = first_step + tf.cast(i, tf.int64)
             poison = tf.where(step + 1 == nan_at_step, float("nan"), 1.0)
             if accum == 1:
@@ -138,8 +144,10 @@ def make_train_loop(strategy, model, optimizer, config: Config, derived: Derived
                 per_replica = strategy.run(replica_accumulated_step,
                                            args=(stacked[0], stacked[1], poison, step))
             totals = [t + strategy.reduce(SUM, v, axis=None) for t, v in zip(totals, per_replica)]
-        return totals
+            done += 1
+        return totals + [tf.cast(done, tf.float32)]
 
+    stop_requested = preemption.make_stop_check(strategy, stop_flag)
     return train_loop
 
 
@@ -266,6 +274,7 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
     eval_dataset = data.eval_dataset(strategy, config, derived, arrays)
     val_dataset = (None if val_ids is None
                    else data.eval_dataset(strategy, config, derived, arrays, split="val", ids=val_ids))
+    preemption.start_writing()  # A stop signal before this point exits at once (nothing written).
     moved = rundir.prepare_model_dir(config, chief)
     if moved:
         _say(chief, f"--overwrite: moved the previous run to {moved}")
@@ -306,7 +315,8 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
 
     # ---- update and eval steps
     xla = use_xla(config, kind)
-    train_loop = make_train_loop(strategy, model, optimizer, config, derived, xla)
+    train_loop = make_train_loop(strategy, model, optimizer, config, derived, xla,
+                                 stop_flag=preemption.stop_flag())
     eval_step = make_eval_step(strategy, model, config)
 
     # ---- summaries (chief only)
@@ -394,10 +404,11 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
                 lr = float(optimization.current_learning_rate(optimizer))
                 started = time.time()
                 with profile.step(step, n):
-                    totals = np.array([float(t) for t in train_loop(
+                    *totals, done = [float(t) for t in train_loop(
                         iterator, tf.constant(n, tf.int32), tf.constant(step, tf.int64),
-                        tf.constant(nan_at_step, tf.int64))])
+                        tf.constant(nan_at_step, tf.int64))]
                 seconds = time.time() - started
+                totals, n = np.array(totals), int(done)  # n < requested: stopped by a signal
                 if step < nan_at_step <= step + n:
                     nan_at_step = 0  # The injected fault fires once per process.
                 if not math.isfinite(totals[0]) and policy != "mixed_float16":
@@ -411,7 +422,7 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
                     timing["images"] += n * config.global_batch_size
                     timing["seconds"] += seconds
                 first_call = False
-                if step % log_every == 0 or step == epoch_end:
+                if n and (step % log_every == 0 or step == epoch_end):
                     rate = (timing["images"] / timing["seconds"] if timing["seconds"]
                             else n * config.global_batch_size / max(seconds, 1e-9))
                     log_train(step, epoch, window, lr, rate)
