@@ -18,6 +18,19 @@ def make_tf_config(hosts: list[str], index: int) -> str:
     return json.dumps({"cluster": {"worker": list(hosts)}, "task": {"type": "worker", "index": index}})
 
 
+def tasks(tf_config: dict) -> tuple[list[str], list[str], int]:
+    """The tasks that join MultiWorkerMirroredStrategy (chief first, then workers) of a parsed
+    TF_CONFIG: names ("worker 1"), "host:port" addresses, and this task's position in them."""
+    spec = tf_config["cluster"]
+    names, addresses = [], []
+    for job in ("chief", "worker"):
+        for i, address in enumerate(spec.get(job, [])):
+            names.append(f"{job} {i}")
+            addresses.append(address)
+    task = tf_config["task"]
+    return names, addresses, names.index(f"{task['type']} {int(task['index'])}")
+
+
 def cluster_source(requested: str, env: Mapping[str, str]) -> str:
     """`--cluster` -> "tf_config" or "slurm"; auto picks Slurm under srun when TF_CONFIG is unset."""
     if requested != "auto":

@@ -26,6 +26,7 @@ AUGMENTS = ("none", "basic", "rrc")
 ALL_REDUCES = ("auto", "nccl", "hierarchical_copy", "ring")
 CLUSTERS = ("auto", "tf_config", "slurm")
 XLA_MODES = ("auto", "on", "off")
+KERNELS = ("auto", "fused", "keras")
 NAN_POLICIES = ("stop", "rollback")
 # Flags a resumed run must share with the run that wrote the checkpoint (the checkpoint's shape and
 # meaning depend on them). Others (epochs, strategy, batch size, ...) may change between restarts.
@@ -158,6 +159,9 @@ class Config:
                            "environment (under srun), or auto.", choices=CLUSTERS)
     collective_timeout: float = setting(300.0, "Seconds before a collective op gives up on a dead peer "
                                         "(multi_worker).", bounds=(0, 7 * 86400, "(]"))
+    startup_timeout: float = setting(300.0, "multi_worker: seconds a worker waits for all its peers at "
+                                     "start-up before exiting with one line naming the missing task.",
+                                     bounds=(0, 7 * 86400, "(]"))
     # Model (resolved from --model plus overrides).
     model: str = setting("convmixer_256_8", "Model preset; the flags below override it.", choices=MODELS)
     hidden_dim: int = setting(256, "Channels h (preset's if unset).", unset="preset",
@@ -174,6 +178,11 @@ class Config:
                                   bounds=(0, 1, "[)"))
     sync_bn: bool = setting(False, "BatchNorm statistics over the global batch across replicas "
                             "(default: per replica, as PyTorch DataParallel/DDP without SyncBatchNorm).")
+    kernels: str = setting("auto", "BatchNorm, GELU and depthwise-conv implementations: auto = the "
+                           "fastest known per device (CPU: fused BatchNorm, one-erf GELU gradient, folded "
+                           "depthwise filter gradient; GPU: fused BatchNorm only), fused = all that apply on "
+                           "the device, keras = the plain Keras layers. Same variables and results.",
+                           choices=KERNELS)
     # Data.
     dataset: str = setting("synthetic", "Training data.", choices=DATASETS)
     data_dir: str = setting("", "cifar10/cifar100: folder with the official python-format files "

@@ -291,11 +291,6 @@ def _train_indices(size: int, seed: int, start: int) -> tf.data.Dataset:
     return tf.data.Dataset.range(first_epoch, 2 ** 62).flat_map(epoch).skip(offset)
 
 
-def shard_size(total: int, num_shards: int, index: int) -> int:
-    """Elements of shard `index` of `num_shards` over `total` elements (as Dataset.shard splits)."""
-    return len(range(index, total, num_shards))
-
-
 def crops_per_example(config: Config) -> bool:
     """True when the random-resized crop is cut per example from the decoded original image (image
     folders and TFRecords with --augment=rrc) instead of from the batched, same-size images."""
@@ -468,10 +463,3 @@ def eval_dataset(strategy: tf.distribute.Strategy, config: Config, derived: Deri
 
 
 _INPUT_OPTIONS = tf.distribute.InputOptions(experimental_fetch_to_device=True)
-
-
-def distributed_datasets(strategy: tf.distribute.Strategy, config: Config, derived: Derived,
-                         arrays=None, start_step: int = 0):
-    """(train, eval) distributed datasets; `arrays` are the CIFAR arrays (None for synthetic)."""
-    return (train_dataset(strategy, config, derived, arrays, start_step),
-            eval_dataset(strategy, config, derived, arrays))

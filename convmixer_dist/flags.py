@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import types
+from typing import Any, Callable, Optional
 
-from absl import flags
+from absl import app, flags, logging
 
 from convmixer_dist import config as cfg
-from convmixer_dist.errors import UsageError
+from convmixer_dist.errors import UsageError, check_flagfiles, report_and_exit
 from convmixer_dist.presets import PRESETS
 from convmixer_dist.profiling import parse_profile_steps
 
@@ -30,17 +31,16 @@ _DEFINE = {"bool": flags.DEFINE_boolean, "int": flags.DEFINE_integer, "float": f
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     """One flag per Config field: its name, default (none when resolved from the preset or dataset),
-    help text and, for fields with choices, an enum."""
+    help text and, for fields with choices, an enum. Idempotent: defined flags are left alone."""
     for field in cfg.settings():
+        if field.name in flag_values:
+            continue
         meta = field.metadata
         default = None if meta["unset"] else field.default
         if meta["choices"] is not None:
             flags.DEFINE_enum(field.name, default, meta["choices"], meta["help"], flag_values=flag_values)
         else:
             _DEFINE[cfg.setting_type(field)](field.name, default, meta["help"], flag_values=flag_values)
-
-
-define_flags()
 
 
 def validate(c: cfg.Config) -> None:
@@ -148,3 +148,55 @@ def resolve(values: dict[str, Any]) -> cfg.Config:
 def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> cfg.Config:
     """Resolve presets, dataset defaults and overrides from parsed FLAGS into a validated Config."""
     return resolve(values_from_flags(flag_values))
+
+
+def overrides_from_flags(flag_values: flags.FlagValues = FLAGS) -> dict[str, str]:
+    """Training flags given on this command line, as flagfile text (they replace a saved run's)."""
+    return {field.name: cfg.flag_text(flag_values[field.name].value) for field in cfg.settings()
+            if flag_values[field.name].present}
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing whose errors (unknown flag or value, missing or circular flagfile, a
+    flagfile line that is not a flag) are one line with exit code 2 instead of absl's two lines and
+    code 1 (or a warning and silently different flags)."""
+    try:
+        check_flagfiles(argv[1:])
+        return FLAGS(argv)
+    except flags.Error as err:
+        report_and_exit(UsageError(str(err)))
+    except UsageError as err:
+        report_and_exit(err)
+
+
+def run_command(main: Callable[[list[str], types.SimpleNamespace], None],
+                define: Optional[Callable[[], None]] = None, *, training: bool = False) -> None:
+    """The one entry point shape of every command (`if __name__ == "__main__": run_command(...)`).
+
+    Defines the training flags (`training=True`) and the command's own (`define`), parses the command
+    line with the one-line-error parser, and calls `main(positional_args, opts)`: `opts` holds the
+    command's own flag values by name, and with `training=True` also `opts.overrides` (the training
+    flags given, as text; `config_from_flags()` resolves them all). A `UsageError` becomes one
+    `error: ...` line and exit code 2. TensorFlow's native logs are off unless TF_CPP_MIN_LOG_LEVEL is
+    set; commands import TensorFlow through `runtime.quiet_tensorflow_import` once their inputs are
+    valid, so a user mistake prints exactly one line.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if training:
+        define_flags()
+    before = set(FLAGS)
+    if define is not None:
+        define()
+    own = sorted(set(FLAGS) - before)
+
+    def body(argv: list[str]) -> None:
+        logging.set_verbosity(logging.WARNING)  # TensorFlow's Python INFO logs would drown the output.
+        opts = types.SimpleNamespace(**{name: FLAGS[name].value for name in own})
+        if training:
+            opts.overrides = overrides_from_flags()
+        try:
+            main(argv[1:], opts)
+        except UsageError as err:
+            report_and_exit(err)
+
+    app.run(body, flags_parser=parse_flags)

@@ -9,31 +9,35 @@ every node, TF_CONFIG set per node (launch/local.sh, launch/ssh.sh, launch/slurm
 """
 from __future__ import annotations
 
-from convmixer_dist import errors
-
 import os
 import sys
+import types
 
-from absl import app, flags, logging
+from absl import flags
 
-from convmixer_dist import flags as cli  # Defines the flags.
+from convmixer_dist import flags as cli
 from convmixer_dist import preemption, rundir
-from convmixer_dist.errors import UsageError, report_and_exit
+from convmixer_dist.errors import UsageError
 
 EXIT_DIVERGED = 3  # Non-finite loss/weights; the last good checkpoint is kept.
 EXIT_PREEMPTED = preemption.EXIT_PREEMPTED  # SIGTERM/SIGUSR1: checkpoint saved, rerun to resume.
 EXIT_INTERRUPTED = preemption.EXIT_INTERRUPTED  # Ctrl-C: checkpoint saved, rerun to resume.
 
-flags.adopt_module_key_flags(cli)  # `--help` lists the training flags, not only absl's own.
+
+def define_flags() -> None:
+    """`--help` lists the training flags, not only absl's own."""
+    flags.adopt_module_key_flags(cli)
 
 
-
-def run(argv: list[str]) -> dict:
+def main(args: list[str], opts: types.SimpleNamespace) -> dict:
     """Parse flags into a Config, create the strategy, train and evaluate; returns the summary."""
-    if len(argv) > 1:  # e.g. `learning_rate=0.5` without `--` would otherwise be ignored
-        raise UsageError(f"unexpected argument {argv[1]!r}: flags are written --name=value")
+    del opts
+    if args:  # e.g. `learning_rate=0.5` without `--` would otherwise be ignored
+        raise UsageError(f"unexpected argument {args[0]!r}: flags are written --name=value")
     config = cli.config_from_flags()
-    logging.set_verbosity(logging.WARNING)  # TensorFlow's Python INFO logs would drown the progress.
+    # Before TensorFlow's import (its threads inherit the mask): stop signals stay pending until the
+    # stop-signal thread takes them (preemption.py); multi-worker start-up polls them (startup.py).
+    preemption.block_signals()
     # TensorFlow loads only after the flags are valid; strategy first, because
     # MultiWorkerMirroredStrategy must exist before any other TensorFlow op.
     from convmixer_dist.runtime import quiet_tensorflow_import
@@ -42,6 +46,7 @@ def run(argv: list[str]) -> dict:
     from convmixer_dist import train
 
     strategy = strategy_lib.create_strategy(config)
+    preemption.install_signal_thread()  # From here on a stop signal stops at the next step.
     chief = strategy_lib.is_chief(strategy)
     if chief and config.profiler_port:  # The server is the chief's; a taken port fails silently.
         from convmixer_dist.profiling import check_port_free
@@ -66,15 +71,5 @@ def run(argv: list[str]) -> dict:
     return summary
 
 
-def main(argv: list[str]) -> None:
-    # First, before TensorFlow starts threads: stop signals go to one thread that can stop a
-    # running multi-step call at the next step (see preemption.py).
-    preemption.install_signal_thread()
-    try:
-        run(argv)
-    except UsageError as err:
-        report_and_exit(err)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=errors.parse_flags)
+    cli.run_command(main, define_flags, training=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from convmixer_dist import fused
 from convmixer_dist.presets import ACTIVATIONS, PRESETS  # noqa: F401  (re-exported)
 
 # PyTorch BatchNorm2d defaults used by the reference model: momentum 0.1 (new-statistic weight), which
@@ -21,27 +22,33 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 
-def _act_bn(x, activation: str, prefix: str, sync_bn: bool):
+def _act_bn(x, activation: str, prefix: str, sync_bn: bool, kernels: fused.KernelChoice):
     """Activation then BatchNorm, the order used throughout ConvMixer."""
-    x = layers.Activation(activation, name=f"{prefix}_act")(x)
-    return layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, synchronized=sync_bn,
-                                     name=f"{prefix}_bn")(x)
+    if activation == "gelu" and kernels.exact_gelu:
+        x = fused.ExactGelu(name=f"{prefix}_act")(x)
+    else:
+        x = layers.Activation(activation, name=f"{prefix}_act")(x)
+    bn = fused.FusedBatchNormalization if kernels.fused_bn else layers.BatchNormalization
+    return bn(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, synchronized=sync_bn, name=f"{prefix}_bn")(x)
 
 
-def _mixer_block(x, index: int, hidden_dim: int, kernel_size: int, activation: str, sync_bn: bool):
+def _mixer_block(x, index: int, hidden_dim: int, kernel_size: int, activation: str, sync_bn: bool,
+                 kernels: fused.KernelChoice):
     """Residual(depthwise conv -> act -> BN), then pointwise (1x1) conv -> act -> BN."""
     name = f"block{index:02d}"
     shortcut = x
-    x = layers.DepthwiseConv2D(kernel_size, padding="same", name=f"{name}_depthwise_conv")(x)
-    x = _act_bn(x, activation, f"{name}_depthwise", sync_bn)
+    depthwise = fused.FoldedDepthwiseConv2D if kernels.folded_depthwise else layers.DepthwiseConv2D
+    x = depthwise(kernel_size, padding="same", name=f"{name}_depthwise_conv")(x)
+    x = _act_bn(x, activation, f"{name}_depthwise", sync_bn, kernels)
     x = layers.Add(name=f"{name}_residual")([x, shortcut])
     x = layers.Conv2D(hidden_dim, 1, name=f"{name}_pointwise_conv")(x)
-    return _act_bn(x, activation, f"{name}_pointwise", sync_bn)
+    return _act_bn(x, activation, f"{name}_pointwise", sync_bn, kernels)
 
 
 def build_convmixer(hidden_dim: int, depth: int, kernel_size: int, patch_size: int, num_classes: int,
                     image_size: int, activation: str = "gelu", dropout_rate: float = 0.0,
-                    sync_bn: bool = False, channels: int = 3, name: str = "convmixer") -> keras.Model:
+                    sync_bn: bool = False, channels: int = 3, name: str = "convmixer",
+                    kernels: fused.KernelChoice = fused.KernelChoice()) -> keras.Model:
     """Build a ConvMixer-`hidden_dim`/`depth` that returns float32 logits.
 
     Architecture (exactly the reference implementation): patch embedding Conv(patch, stride patch)
@@ -49,14 +56,16 @@ def build_convmixer(hidden_dim: int, depth: int, kernel_size: int, patch_size: i
     global average pool -> Dense. Optional dropout (as in the seed implementation) before every block
     and before the head; the paper uses none (0.0). `sync_bn` computes BatchNorm statistics over the
     global batch (all replicas) instead of each replica's share, at the cost of an all-reduce per layer.
+    `kernels` swaps BatchNorm, GELU and the depthwise conv for the faster layers of `fused` (same
+    variables, same results); the default is the plain Keras layers.
     """
     inputs = keras.Input((image_size, image_size, channels), name="images")
     x = layers.Conv2D(hidden_dim, patch_size, strides=patch_size, name="stem_conv")(inputs)
-    x = _act_bn(x, activation, "stem", sync_bn)
+    x = _act_bn(x, activation, "stem", sync_bn, kernels)
     for i in range(depth):
         if dropout_rate > 0:
             x = layers.Dropout(dropout_rate, name=f"block{i:02d}_dropout")(x)
-        x = _mixer_block(x, i, hidden_dim, kernel_size, activation, sync_bn)
+        x = _mixer_block(x, i, hidden_dim, kernel_size, activation, sync_bn, kernels)
     # The head runs in float32 so logits (and the loss computed from them) are float32 under any policy.
     x = layers.GlobalAveragePooling2D(name="head_pool", dtype="float32")(x)
     if dropout_rate > 0:

@@ -6,7 +6,8 @@ module handles:
 - global-norm clipping must see the summed gradient, not one replica's share: we all-reduce, clip,
   and hand each replica `sum / replicas` (the optimizer's own sum restores the clipped total);
 - with float16 loss scaling, one replica's Inf must make every replica skip the step, or the others
-  apply it and poison the mirrored weights (a Keras 3 bug): replicas agree on non-finite first.
+  apply it and poison the mirrored weights (a Keras 3 bug, docs/keras-under-tf-distribute.md):
+  replicas agree on non-finite first.
 """
 from __future__ import annotations
 

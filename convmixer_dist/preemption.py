@@ -12,9 +12,10 @@ What happens, by phase (the command line; see `install_signal_thread`):
 - A second Ctrl-C exits at once (code 130, one line); the last checkpoint is kept.
 
 Why a thread: Python runs signal handlers only in the main thread between bytecodes, so while that
-thread waits in a long TensorFlow call a handler would run only after the call. `install_signal_thread`
-blocks the signals in every thread (before TensorFlow starts its own) and receives them in a
-dedicated thread with `sigwait`, which sets the stop flag (a tf.Variable) while the call runs.
+thread waits in a long TensorFlow call a handler would run only after the call. `block_signals`
+blocks the signals in every thread (before TensorFlow starts its own), and `install_signal_thread`
+(once the strategy exists) receives them in a dedicated thread with `sigwait`, which sets the stop
+flag (a tf.Variable) while the call runs.
 In-process use without that thread (tests, notebooks) falls back to ordinary handlers: the run then
 stops after the current call.
 """
@@ -42,6 +43,7 @@ class _State:
         self.flag = None  # tf.Variable read by the training loop before every step.
         self.thread: threading.Thread | None = None
         self.stderr_fd: int | None = None  # A duplicate of stderr for messages from the thread.
+        self.managed = False  # block_signals() was called: the thread takes the signals.
 
 
 STATE = _State()
@@ -90,14 +92,29 @@ def _receive(signals: set) -> None:
         _record(signum)  # The run reports the outcome in one line when it has saved.
 
 
+def block_signals() -> None:
+    """Keep SIGTERM/SIGUSR1/SIGINT pending (in this thread and every thread created later) until
+    `install_signal_thread` takes them. Call it before TensorFlow is imported: its threads inherit
+    the mask, so TensorFlow's own SIGTERM handler never sees the signals."""
+    sys.stderr.flush()
+    if STATE.stderr_fd is None:
+        STATE.stderr_fd = os.dup(2)
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(SIGNALS))
+    STATE.managed = True
+
+
+def signals_managed() -> bool:
+    """True when this process's stop signals are (or will be) taken by the stop-signal thread."""
+    return STATE.managed
+
+
 def install_signal_thread() -> None:
-    """Receive SIGTERM/SIGUSR1/SIGINT in a dedicated thread (see the module docstring). Call it first
-    thing in a command, before TensorFlow starts threads: they inherit the blocked signal mask."""
+    """Receive SIGTERM/SIGUSR1/SIGINT in a dedicated thread (see the module docstring); a signal
+    that arrived since `block_signals` is taken at once. Start it after the strategy exists (during
+    multi-worker start-up, startup.py polls the pending signals itself)."""
     if STATE.thread is not None:
         return
-    sys.stderr.flush()
-    STATE.stderr_fd = os.dup(2)
-    signal.pthread_sigmask(signal.SIG_BLOCK, set(SIGNALS))
+    block_signals()
     STATE.thread = threading.Thread(target=_receive, args=(set(SIGNALS),), name="stop-signals",
                                     daemon=True)
     STATE.thread.start()

@@ -11,21 +11,26 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
+from typing import Iterator
 
 
 @contextlib.contextmanager
-def _native_stderr_silenced():
-    """Point file descriptor 2 at /dev/null for the duration (Python's sys.stderr is untouched)."""
+def native_stderr_captured() -> Iterator[list[str]]:
+    """Hold back what native (C++) code writes to file descriptor 2 for the duration; the non-empty
+    lines are yielded (filled in on exit) for error messages. Python's sys.stderr is untouched."""
+    lines: list[str] = []
     sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    with tempfile.TemporaryFile(mode="w+") as sink:
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines.extend(line.strip() for line in sink if line.strip())
 
 
 def quiet_tensorflow_import() -> None:
@@ -34,7 +39,7 @@ def quiet_tensorflow_import() -> None:
     if "tensorflow" in sys.modules:
         return
     try:
-        with _native_stderr_silenced():
+        with native_stderr_captured():
             import tensorflow  # noqa: F401
             import keras  # noqa: F401
     except ImportError:

@@ -6,6 +6,7 @@
 
 `configure_devices` must run before TensorFlow initialises its runtime, and MultiWorkerMirroredStrategy
 must be created before any other TensorFlow op; `main` therefore calls `create_strategy` first.
+Its start-up is bounded by `--startup_timeout` and stays interruptible (startup.py).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import os
 
 import tensorflow as tf
 
-from convmixer_dist import cluster
+from convmixer_dist import cluster, startup
 from convmixer_dist.config import Config
 from convmixer_dist.errors import UsageError
 
@@ -105,19 +106,29 @@ def create_strategy(config: Config) -> tf.distribute.Strategy:
         resolver = None
         if cluster.cluster_source(config.cluster, os.environ) == "slurm":
             resolver = cluster.slurm_resolver(os.environ)
-            if len(resolver.cluster_spec().as_dict().get("worker", [])) < 2:
+            workers = resolver.cluster_spec().as_dict().get("worker", [])
+            if len(workers) < 2:
                 raise UsageError("--strategy=multi_worker under Slurm needs at least 2 tasks "
                                  "(srun --ntasks >= 2); use --strategy=mirrored on one node")
+            names, addresses = [f"worker {i}" for i in range(len(workers))], list(workers)
+            index = resolver.task_id
         else:
-            validate_tf_config(os.environ.get("TF_CONFIG"))
+            names, addresses, index = cluster.tasks(validate_tf_config(os.environ.get("TF_CONFIG")))
         options = tf.distribute.experimental.CommunicationOptions(
             implementation={"auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
                             "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
                             "ring": tf.distribute.experimental.CommunicationImplementation.RING
                             }[config.all_reduce],
             timeout_seconds=config.collective_timeout)
-        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver,
-                                                         communication_options=options)
+        # Bounded and interruptible (see startup.py): peers first, then TensorFlow's blocking part.
+        previous_handlers = startup.handlers()
+        startup.block_stop_signals()
+        seconds_left = startup.rendezvous(names, addresses, index, config.startup_timeout)
+        with startup.watch_creation(names, addresses, index, seconds_left):
+            strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver,
+                                                                 communication_options=options)
+        startup.after_creation(previous_handlers)
+        return strategy
     raw = os.environ.get("TF_CONFIG")
     if raw is not None and not raw.strip():
         del os.environ["TF_CONFIG"]  # TensorFlow would fail to parse an empty TF_CONFIG.

@@ -12,17 +12,19 @@ shard; minutes for ImageNet).
 Training. Each input pipeline (worker) reads its own files (every pipelines-th shard, the
 `AutoShardPolicy.FILE` rule); with fewer files than pipelines every pipeline reads all files and
 keeps every pipelines-th record. Its epoch e is: its files in an order shuffled by (seed, e), read by
-a deterministic parallel interleave, then a seeded shuffle buffer. The stream is therefore a pure
+a deterministic parallel interleave, then permuted in windows of 10,000 records (stateless, by
+(seed, e, window)); the converter already spreads every class over all shards. The stream is therefore a pure
 function of (seed, pipeline, position): resuming at step s skips the records before position
 s x (global batch / pipelines) — read, never decoded — and continues exactly where an uninterrupted
 run would be. Evaluation reads the validation shards once, in order, sharded the same way.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -193,7 +195,12 @@ def train_records(files: Sequence[str], counts: Sequence[int], pipeline: int, pi
                            block_length=1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         if per_example:
             ds = ds.shard(pipelines, pipeline)
-        return ds.shuffle(min(shuffle_buffer, size), seed=seed * 1_000_003 + e)
+        # Stateless window shuffle: each window of `window` records is permuted by (seed, e, window
+        # index). Dataset.shuffle would draw from the op/global seed state instead.
+        window = min(shuffle_buffer, size)
+        windows = tf.data.Dataset.zip((tf.data.Dataset.range(2 ** 62), ds.batch(window)))
+        return windows.map(lambda w, batch: tf.gather(batch, tf.argsort(tf.random.stateless_uniform(
+            tf.shape(batch)[:1], seed=tf.stack([seed * 1_000_003 + e, w]))))).unbatch()
 
     records = tf.data.Dataset.range(first_epoch, 2 ** 62).flat_map(epoch).skip(offset)
     return tf.data.Dataset.zip((tf.data.Dataset.range(start, 2 ** 62), records))
@@ -205,6 +212,19 @@ def eval_records(files: Sequence[str], counts: Sequence[int], pipeline: int, pip
     mine, _, per_example = pipeline_files(files, counts, pipeline, pipelines)
     ds = tf.data.TFRecordDataset(mine, num_parallel_reads=min(len(mine), CYCLE_LENGTH))
     return ds.shard(pipelines, pipeline) if per_example else ds
+
+
+@contextlib.contextmanager
+def reporting_record_errors(data_dir: str) -> Iterator[None]:
+    """Wrap the loop consuming a TFRecord dataset: a corrupt record or a foreign record layout met
+    mid-run becomes a one-line UsageError instead of a TensorFlow traceback."""
+    try:
+        yield
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as err:
+        usage = records_error(err, data_dir)
+        if usage is None:
+            raise
+        raise usage from None
 
 
 def records_error(err: Exception, data_dir: str) -> UsageError | None:

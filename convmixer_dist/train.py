@@ -18,9 +18,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from convmixer_dist import data, image_folder, optimization, rundir
+from convmixer_dist import data, image_folder, optimization, rundir, tfrecord
 from convmixer_dist.checkpoint import CheckpointSaver
 from convmixer_dist.config import Config, Derived, derive
+from convmixer_dist.fused import resolve_kernels
 from convmixer_dist.model import build_convmixer, count_params
 from convmixer_dist.precision import resolve_precision
 from convmixer_dist import preemption
@@ -40,13 +41,16 @@ class Preempted(RuntimeError):
     """A termination signal arrived; a checkpoint was saved at the step in the message."""
 
 
-def create_model(config: Config) -> keras.Model:
-    """The ConvMixer described by the config."""
+def create_model(config: Config, kind: str | None = None) -> keras.Model:
+    """The ConvMixer described by the config, with `--kernels` resolved for the device `kind` ("cpu"
+    or "gpu"; default: "gpu" if TensorFlow sees one)."""
+    if kind is None:
+        kind = "gpu" if tf.config.list_logical_devices("GPU") else "cpu"
     return build_convmixer(hidden_dim=config.hidden_dim, depth=config.depth,
                            kernel_size=config.kernel_size, patch_size=config.patch_size,
                            num_classes=config.num_classes, image_size=config.image_size,
                            activation=config.activation, dropout_rate=config.dropout_rate,
-                           sync_bn=config.sync_bn)
+                           sync_bn=config.sync_bn, kernels=resolve_kernels(config.kernels, kind))
 
 
 def use_xla(config: Config, kind: str) -> bool:
@@ -245,12 +249,29 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
     kind = device_kind(strategy)
     policy = resolve_precision(config.precision, kind)
     previous_policy = keras.mixed_precision.dtype_policy()
+    was_deterministic = _op_determinism_enabled()
     keras.mixed_precision.set_dtype_policy(policy)
     try:
         return _train_and_evaluate(config, strategy, chief, kind, policy, wall_start)
-    finally:
+    finally:  # Process-wide settings go back to what the caller had.
         keras.mixed_precision.set_dtype_policy(previous_policy)
         rundir.release_run_lock(config.model_dir)  # Taken by rundir.prepare_model_dir (chief).
+        if not was_deterministic:
+            _disable_op_determinism()
+
+
+def _op_determinism_enabled() -> bool:
+    """Whether `tf.config.experimental.enable_op_determinism()` is in force (no public getter)."""
+    from tensorflow.python.framework import config as tf_config
+
+    return tf_config.is_op_determinism_enabled()
+
+
+def _disable_op_determinism() -> None:
+    """Undo `enable_op_determinism` (TensorFlow has no public function for it)."""
+    from tensorflow.python.framework import config as tf_config
+
+    tf_config.disable_op_determinism()
 
 
 def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> dict:
@@ -283,7 +304,7 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
 
     # ---- model, optimizer, checkpoint
     with strategy.scope():
-        model = create_model(config)
+        model = create_model(config, kind)
         lr_scale = tf.Variable(1.0, trainable=False, name="lr_scale")
         optimizer = optimization.create_optimizer(config, derived.total_steps, policy, lr_scale,
                                                   model.trainable_variables)
@@ -456,8 +477,12 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
         return metrics
 
     # A corrupt image surfaces as a decode error mid-run; name the file in one line.
-    corrupt_files = (image_folder.reporting_corrupt_files(list(arrays["train"][0]) + list(arrays["test"][0]))
-                     if config.dataset == "image_folder" else contextlib.nullcontext())
+    if config.dataset == "image_folder":
+        corrupt_files = image_folder.reporting_corrupt_files(list(arrays["train"][0]) + list(arrays["test"][0]))
+    elif config.dataset == "tfrecord":
+        corrupt_files = tfrecord.reporting_record_errors(config.data_dir)
+    else:
+        corrupt_files = contextlib.nullcontext()
     with PreemptionWatcher(strategy) as watcher, corrupt_files:
         while True:
             try:

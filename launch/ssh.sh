@@ -43,15 +43,23 @@ fi
 workers=$(printf '"%s",' "${hosts[@]}")
 workers=${workers%,}
 mkdir -p "$log_dir"
+# Each ssh reads its stdin from a pipe that only this script writes to. When this script ends (done,
+# stopped, or killed) or the connection drops, the remote side reads end-of-file and sends SIGTERM
+# to its worker (which then stops in seconds in any phase, start-up included): no orphaned workers.
+fifo=$(mktemp -u "${TMPDIR:-/tmp}/ssh-launch.XXXXXX")
+mkfifo -m 600 "$fifo"
+exec {keep_open}<>"$fifo" {worker_stdin}<"$fifo"
+rm -f "$fifo"
 for i in "${!hosts[@]}"; do
   host=${hosts[$i]%:*}
   tf_config="{\"cluster\": {\"worker\": [$workers]}, \"task\": {\"type\": \"worker\", \"index\": $i}}"
-  remote=$(printf 'cd %q && TF_CONFIG=%q %q -m convmixer_dist.main --strategy=multi_worker' \
+  remote=$(printf 'cd %q || exit 1; exec 3<&0; TF_CONFIG=%q %q -m convmixer_dist.main --strategy=multi_worker' \
     "$remote_dir" "$tf_config" "$remote_python")
-  remote+=$(printf ' %q' "$@")
+  if (( $# > 0 )); then remote+=$(printf ' %q' "$@"); fi
+  remote+=' & w=$!; { cat <&3; kill -TERM $w; } >/dev/null 2>&1 & wait $w'
   log="$log_dir/worker-$i.log"
   printf '+ %s %s %s > %s\n' "$ssh_cmd" "$host" "$remote" "$log"
-  "$ssh_cmd" "$host" "$remote" >"$log" 2>&1 &
+  "$ssh_cmd" "$host" "$remote" <&"$worker_stdin" {keep_open}>&- >"$log" 2>&1 &
   pids+=($!)
   names+=("worker $i on $host (log: $log)")
 done

@@ -98,6 +98,40 @@ def _release_held():
             held.close()
 
 
+def _tfrecord_dir(tmp, train_records):
+    """DIR with train-00000-of-00001 (given serialized records, or raw bytes) and one validation shard."""
+    import tensorflow as tf
+
+    folder = tmp / "records"
+    folder.mkdir()
+    if isinstance(train_records, bytes):
+        (folder / "train-00000-of-00001").write_bytes(train_records)
+    else:
+        with tf.io.TFRecordWriter(str(folder / "train-00000-of-00001")) as writer:
+            for record in train_records:
+                writer.write(record)
+    (folder / "validation-00000-of-00001").write_bytes((folder / "train-00000-of-00001").read_bytes())
+    return ["--dataset=tfrecord", f"--data_dir={folder}", "--num_classes=3", "--global_batch_size=2"], {}
+
+
+def tfrecord_without_shards(tmp):
+    (tmp / "records").mkdir()
+    return ["--dataset=tfrecord", f"--data_dir={tmp / 'records'}", "--num_classes=3"], {}
+
+
+def tfrecord_corrupt(tmp):
+    return _tfrecord_dir(tmp, b"\x10\x00\x00\x00\x00\x00\x00\x00not a tfrecord at all, just bytes")
+
+
+def tfrecord_wrong_keys(tmp):
+    import tensorflow as tf
+
+    example = tf.train.Example(features=tf.train.Features(feature={
+        "image/raw": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"\xff\xd8\xff"])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[1]))}))
+    return _tfrecord_dir(tmp, [example.SerializeToString()] * 4)
+
+
 def empty_cifar(tmp):
     (tmp / "empty").mkdir()
     return ["--dataset=cifar10", f"--data_dir={tmp / 'empty'}", "--image_size=32"], {}
@@ -146,6 +180,9 @@ CASES = {
     "early stopping without validation": (lambda tmp: (["--early_stopping_patience=3"], {}),
                                           "--validation_fraction"),
     "crop_scale without rrc": (lambda tmp: (["--crop_scale=0.5"], {}), "--crop_scale"),
+    "tfrecord without shards": (tfrecord_without_shards, "no train-* TFRecord shards"),
+    "tfrecord corrupt record": (tfrecord_corrupt, "corrupt TFRecord file"),
+    "tfrecord wrong feature keys": (tfrecord_wrong_keys, "lack image/encoded"),
     "malformed crop_ratio": (lambda tmp: (["--augment=rrc", "--crop_ratio=4/3"], {}), "--crop_ratio"),
     "eval_crop_fraction above 1": (lambda tmp: (["--eval_crop_fraction=1.5"], {}), "--eval_crop_fraction"),
     "batch not divisible by grad_accum_steps": (lambda tmp: (["--grad_accum_steps=5"], {}),

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from convmixer_dist import benchmark, flops
+from convmixer_dist.perf import benchmark, flops
 from helpers import run_cli
 
 TINY = ["--hidden_dim=16", "--depth=2", "--kernel_size=3", "--patch_size=2", "--image_size=8",
@@ -22,7 +22,7 @@ def test_median_rate_and_throughput_fields():
 
 def test_benchmark_all_runs_on_two_replicas_write_valid_json(tmp_path):
     out = tmp_path / "bench" / "result.json"
-    proc = run_cli("convmixer_dist.benchmark", *TINY, "--strategy=mirrored", "--cpu_replicas=2",
+    proc = run_cli("convmixer_dist.perf.benchmark", *TINY, "--strategy=mirrored", "--cpu_replicas=2",
                    "--measure=all", "--compare_fit", "--peak_tflops=0.5", f"--output={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
@@ -44,15 +44,17 @@ def test_benchmark_all_runs_on_two_replicas_write_valid_json(tmp_path):
 
 def test_variants_rerun_the_custom_loop_with_one_setting_changed(tmp_path):
     out = tmp_path / "variants.json"
-    proc = run_cli("convmixer_dist.benchmark", *TINY, "--windows=2", "--pipeline=excluded",
-                   "--variants=precision=mixed_bfloat16,steps_per_loop=4", f"--output={out}")
+    proc = run_cli("convmixer_dist.perf.benchmark", *TINY, "--windows=2", "--pipeline=excluded",
+                   "--variants=precision=mixed_bfloat16,steps_per_loop=4,kernels=keras", f"--output={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     bf16 = result["runs"]["custom_input_excluded[precision=mixed_bfloat16]"]
     assert bf16["precision"] == "mixed_bfloat16" and bf16["images_per_sec"] > 0
     assert result["runs"]["custom_input_excluded"]["images_per_sec"] > 0
     ratios = result["variant_over_base"]
-    assert set(ratios) == {"precision=mixed_bfloat16", "steps_per_loop=4"}
+    assert set(ratios) == {"precision=mixed_bfloat16", "steps_per_loop=4", "kernels=keras"}
+    assert result["setup"]["kernels"] == "fused_bn+exact_gelu+folded_depthwise"  # auto on CPU
+    assert result["runs"]["custom_input_excluded[kernels=keras]"]["kernels"] == "keras"
     assert ratios["precision=mixed_bfloat16"] == pytest.approx(
         bf16["images_per_sec"] / result["runs"]["custom_input_excluded"]["images_per_sec"])
 
@@ -63,17 +65,46 @@ def test_variants_rerun_the_custom_loop_with_one_setting_changed(tmp_path):
     (["--window_steps=3"], "--window_steps"),
     (["--pipeline=excluded,bogus"], "--pipeline"),
     (["--compare_fit", "--augment_on_device", "--augment=rrc"], "--compare_fit"),
+    (["--measure=input", "--input_compare=tfrecord"], "--input_compare"),
+    (["--input_compare=decode_crop=true"], "--input_compare"),
 ])
 def test_bad_benchmark_flags_are_one_line_errors(tmp_path, args, flag):
-    proc = run_cli("convmixer_dist.benchmark", *TINY, *args, f"--output={tmp_path}/r.json")
+    proc = run_cli("convmixer_dist.perf.benchmark", *TINY, *args, f"--output={tmp_path}/r.json")
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and flag in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "r.json").exists()
 
 
+def test_input_compare_times_image_folder_and_tfrecord_pipelines_in_one_run(tmp_path):
+    import io
+
+    from convmixer_dist.commands import make_tfrecords
+    from test_tfrecord import make_image_folder
+
+    folder = make_image_folder(tmp_path / "folder", per_class=(6, 1))
+    make_tfrecords.convert(folder, str(tmp_path / "records"), 3, 1, out=io.StringIO())
+    out = tmp_path / "input.json"
+    proc = run_cli("convmixer_dist.perf.benchmark", *TINY, "--measure=input", "--dataset=image_folder",
+                   f"--data_dir={folder}", "--augment=rrc", "--crop_scale=0.08", "--crop_ratio=0.75,1.33",
+                   "--randaug_n=2", "--randaug_m=27", "--randaug_mstd=1.5", "--erase_prob=0.25",
+                   "--erase_mode=pixel", "--mixup_alpha=0.5", "--cutmix_alpha=0.5", "--decode_crop=false",
+                   "--global_batch_size=6", "--window_steps=2", "--windows=2",
+                   f"--input_compare=decode_crop=true,tfrecord={tmp_path / 'records'}", f"--output={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    base, compared = result["input_pipeline"], result["input_compare"]
+    assert base["dataset"] == "image_folder" and base["decode_crop"] is False
+    assert set(compared) == {"decode_crop=true", f"tfrecord={tmp_path / 'records'}"}
+    assert compared[f"tfrecord={tmp_path / 'records'}"]["dataset"] == "tfrecord"
+    for rate in compared.values():
+        assert len(rate["window_images_per_sec"]) == 2
+        assert rate["over_base"] == pytest.approx(rate["images_per_sec"] / base["images_per_sec"])
+    assert "x base)" in proc.stdout
+
+
 def test_augment_benchmark_times_both_placements(tmp_path):
     out = tmp_path / "augment.json"
-    proc = run_cli("convmixer_dist.augment_benchmark", "--batch_size=16", "--image_size=16", "--batches=2",
+    proc = run_cli("convmixer_dist.perf.augment_benchmark", "--batch_size=16", "--image_size=16", "--batches=2",
                    "--randaug_n=2", "--randaug_m=9", "--hflip", f"--output={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
@@ -84,7 +115,7 @@ def test_augment_benchmark_times_both_placements(tmp_path):
     assert result["spec"]["randaug_n"] == 2 and result["spec"]["hflip"] is True
 
 
-@pytest.mark.parametrize("module", ["convmixer_dist.benchmark", "convmixer_dist.augment_benchmark"])
+@pytest.mark.parametrize("module", ["convmixer_dist.perf.benchmark", "convmixer_dist.perf.augment_benchmark"])
 def test_an_unwritable_output_is_refused_before_any_timing(tmp_path, module):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")

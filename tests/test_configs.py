@@ -10,6 +10,8 @@ import pytest
 
 from convmixer_dist import flags as cli
 
+cli.define_flags()  # The training flags, as `python -m convmixer_dist.main` defines them.
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.flags")))
 FLAG_LINE = re.compile(r"^--(\w+)=(.*)$")

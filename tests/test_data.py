@@ -84,7 +84,7 @@ def test_mirrored_eval_covers_every_example_exactly_once(tmp_path):
                          global_batch_size=8)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     derived = derive(config, 2)
-    _, eval_ds = data.distributed_datasets(strategy, config, derived)
+    eval_ds = data.eval_dataset(strategy, config, derived)
     seen = []
     for images, labels in eval_ds:
         for part in strategy.experimental_local_results(labels):
@@ -98,7 +98,7 @@ def test_mirrored_eval_covers_every_example_exactly_once(tmp_path):
 def test_train_batches_are_normalized_per_replica_batches(tmp_path):
     config = tiny_config(str(tmp_path), strategy="mirrored", cpu_replicas=2, global_batch_size=8)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    train_ds, _ = data.distributed_datasets(strategy, config, derive(config, 2))
+    train_ds = data.train_dataset(strategy, config, derive(config, 2))
     images, labels = next(iter(train_ds))
     parts = strategy.experimental_local_results(images)
     assert len(parts) == 2 and parts[0].shape == (4, 8, 8, 3) and parts[0].dtype == tf.float32

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convmixer_dist import evaluate, saved_run
+from convmixer_dist.commands import evaluate, saved_run
 from convmixer_dist.errors import UsageError
 from helpers import run_cli
 from trained_run import EVAL_SIZE, NUM_CLASSES, TRAIN_STEPS, trained_run
@@ -113,10 +113,10 @@ def test_bad_inputs_are_usage_errors(run, tmp_path):
 
 def test_command_prints_report_and_bad_input_is_one_line_exit_2(run, tmp_path):
     model_dir, _ = run
-    ok = run_cli("convmixer_dist.evaluate", f"--model_dir={model_dir}")
+    ok = run_cli("convmixer_dist.commands.evaluate", f"--model_dir={model_dir}")
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "checkpoint " in ok.stdout and "top-1 accuracy" in ok.stdout and "wrote " in ok.stdout
-    bad = run_cli("convmixer_dist.evaluate", f"--model_dir={tmp_path}")
+    bad = run_cli("convmixer_dist.commands.evaluate", f"--model_dir={tmp_path}")
     assert bad.returncode == 2
     assert bad.stderr.splitlines() == [
         f"error: --model_dir={tmp_path}: no flags.txt; expected the --model_dir of a training run "

@@ -13,7 +13,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from convmixer_dist import data, export, predict, saved_run
+from convmixer_dist import data
+from convmixer_dist.commands import export, predict, saved_run
 from convmixer_dist.errors import UsageError
 from helpers import run_cli
 from trained_run import NUM_CLASSES, TRAIN_STEPS, trained_run
@@ -107,14 +108,14 @@ def test_predict_returns_named_top_k(exported, tmp_path):
 def test_commands_predict_and_reject_bad_input_with_one_line(exported, tmp_path):
     model_dir, output, _ = exported
     paths = _write_images(str(tmp_path))
-    ok = run_cli("convmixer_dist.predict", f"--model={output}", "--top_k=2", *paths)
+    ok = run_cli("convmixer_dist.commands.predict", f"--model={output}", "--top_k=2", *paths)
     assert ok.returncode == 0, ok.stderr[-2000:]
     lines = ok.stdout.splitlines()
     assert lines[0] == paths[0] and lines[1].startswith("  1. class_") and len(lines) == 6
-    missing = run_cli("convmixer_dist.predict", f"--model={output}", str(tmp_path / "nope.jpg"))
+    missing = run_cli("convmixer_dist.commands.predict", f"--model={output}", str(tmp_path / "nope.jpg"))
     assert missing.returncode == 2
     assert missing.stderr.splitlines() == [f"error: {tmp_path / 'nope.jpg'}: no such image file"]
-    foreign = run_cli("convmixer_dist.export", f"--model_dir={model_dir}", f"--output={paths[0]}")
+    foreign = run_cli("convmixer_dist.commands.export", f"--model_dir={model_dir}", f"--output={paths[0]}")
     assert foreign.returncode == 2
     assert foreign.stderr.splitlines() == [
         f"error: --output={paths[0]} is a file; expected a directory for the export"]

@@ -9,7 +9,7 @@ from absl import flags
 
 from convmixer_dist import config as cfg
 from convmixer_dist import flags as cli
-from convmixer_dist import saved_run
+from convmixer_dist.commands import saved_run
 from convmixer_dist.errors import UsageError
 
 

@@ -1,7 +1,7 @@
 """FLOPs per image: counted from the built model, equal to the closed form and to TensorFlow's own."""
 import pytest
 
-from convmixer_dist import flops
+from convmixer_dist.perf import flops
 from convmixer_dist.model import build_convmixer
 from convmixer_dist.presets import PRESETS
 

@@ -8,13 +8,13 @@ import os
 import pytest
 
 from convmixer_dist.errors import UsageError
-from convmixer_dist.kernel_bench import (Point, depthwise_bytes, depthwise_flops, grid, parse_choice_list,
-                                         parse_int_list, run_point)
+from convmixer_dist.perf.kernel_bench import (Point, depthwise_bytes, depthwise_flops, grid,
+                                              parse_choice_list, parse_int_list, run_point)
 from helpers import run_cli
 
 
 def test_tiny_grid_end_to_end_with_profile(tmp_path):
-    result = run_cli("convmixer_dist.kernel_bench", "--kernel_sizes=3,5", "--hidden_dims=8",
+    result = run_cli("convmixer_dist.perf.kernel_bench", "--kernel_sizes=3,5", "--hidden_dims=8",
                      "--batch_sizes=2", "--spatial=8", "--dtypes=float32", "--data_formats=NHWC,NCHW",
                      "--xla=off", "--iters=2", "--warmup=1", f"--output_dir={tmp_path}", "--profile")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -53,7 +53,7 @@ def test_unsupported_point_becomes_a_row_with_the_reason(monkeypatch):
     # (as TensorFlow raises it for a missing kernel) so the test means the same everywhere.
     import tensorflow as tf
 
-    from convmixer_dist import kernel_bench
+    from convmixer_dist.perf import kernel_bench
 
     def no_kernel(point, device):
         raise tf.errors.UnimplementedError(None, None, "No kernel for this point\n\t [[{{node x}}]]")
@@ -92,7 +92,7 @@ def test_list_parsing():
 
 
 def test_bad_flag_is_one_error_line_and_exit_code_2(tmp_path):
-    result = run_cli("convmixer_dist.kernel_bench", "--kernel_sizes=3,x", f"--output_dir={tmp_path}")
+    result = run_cli("convmixer_dist.perf.kernel_bench", "--kernel_sizes=3,x", f"--output_dir={tmp_path}")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--kernel_sizes" in lines[0], lines
@@ -102,7 +102,7 @@ def test_bad_flag_is_one_error_line_and_exit_code_2(tmp_path):
 def test_unwritable_output_dir_is_refused_before_any_point_runs(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("keep")
-    proc = run_cli("convmixer_dist.kernel_bench", "--kernel_sizes=3", f"--output_dir={blocker}/kb")
+    proc = run_cli("convmixer_dist.perf.kernel_bench", "--kernel_sizes=3", f"--output_dir={blocker}/kb")
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"error: --output_dir={blocker}/kb: ") and "cannot be created" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "points on" not in proc.stdout

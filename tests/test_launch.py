@@ -10,7 +10,8 @@ import yaml
 
 from helpers import ROOT
 
-SCRIPTS = ["launch/local.sh", "launch/ssh.sh", "launch/slurm.sbatch"]
+SCRIPTS = ["launch/local.sh", "launch/ssh.sh", "launch/slurm.sbatch", "launch/k8s/worker.sh",
+           "launch/testing/slurm_cluster.sh"]
 
 
 def sh(*args, env=None, timeout=60):
@@ -104,10 +105,12 @@ def test_ssh_sh_runs_the_quoted_command_on_each_host(tmp_path):
     assert all("--note=x y" in a.splitlines() for a in _recorded(tmp_path, "args"))
 
 
-def test_slurm_script_runs_the_same_command_under_srun():
-    text = open(os.path.join(ROOT, "launch/slurm.sbatch")).read()
-    assert "#SBATCH --nodes=" in text and "#SBATCH --gpus-per-node=" in text
-    assert "srun" in text and "--strategy=multi_worker --cluster=slurm" in text
+def test_slurm_script_requests_no_gpus_and_keeps_the_output_of_a_requeued_job():
+    # (Its decisions are tested in test_slurm_script.py, the real thing in test_slurm.py.)
+    directives = [line for line in open(os.path.join(ROOT, "launch/slurm.sbatch")) if line.startswith("#SBATCH")]
+    assert not any("gpu" in d or "gres" in d or "ntasks" in d for d in directives)
+    assert "#SBATCH --open-mode=append\n" in directives and "#SBATCH --requeue\n" in directives
+    assert "#SBATCH --signal=B:USR1@120\n" in directives
 
 
 def test_tfjob_manifest_has_worker_replicas_running_main():
@@ -117,5 +120,52 @@ def test_tfjob_manifest_has_worker_replicas_running_main():
     worker = job["spec"]["tfReplicaSpecs"]["Worker"]
     assert worker["replicas"] == 2
     container = worker["template"]["spec"]["containers"][0]
-    assert container["command"] == ["python", "-m", "convmixer_dist.main"]
+    assert container["command"] == ["bash", "launch/k8s/worker.sh"]
     assert "--strategy=multi_worker" in container["args"]
+    # Preempted (exit 75, mapped to 143 by worker.sh) restarts; 1-127 are permanent failures.
+    assert worker["restartPolicy"] == "ExitCode"
+
+
+@pytest.mark.parametrize("worker_code,pod_code", [(0, 0), (75, 143), (1, 1), (2, 2), (3, 3)])
+def test_k8s_worker_makes_only_preemption_retryable(tmp_path, worker_code, pod_code):
+    stub = _stub_python(tmp_path, f"exit {worker_code}\n")
+    result = sh("launch/k8s/worker.sh", "--model_dir=x", env={"PYTHON": stub})
+    assert result.returncode == pod_code
+    assert _recorded(tmp_path, "args")[0].splitlines() == ["-m", "convmixer_dist.main", "--model_dir=x"]
+
+
+def test_k8s_worker_passes_sigterm_on_to_the_run(tmp_path):
+    stub = _stub_python(tmp_path, f"trap 'exit 75' TERM\necho up > {tmp_path}/up\nsleep 30 >/dev/null 2>&1 & wait\n")
+    proc = subprocess.Popen(["bash", "launch/k8s/worker.sh"], cwd=ROOT, env=dict(os.environ, PYTHON=stub),
+                            stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "up").exists():
+        time.sleep(0.05)
+    proc.terminate()  # only the entry point, as Kubernetes signals PID 1
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143 and "preempted" in err
+
+
+def test_ssh_sh_stop_reaches_the_remote_workers(tmp_path):
+    # Killing an ssh client does not signal the remote command; the remote side watches its stdin
+    # (a pipe only ssh.sh writes to) and sends SIGTERM to its worker when that closes.
+    fake_ssh = tmp_path / "fake_ssh"
+    fake_ssh.write_text('#!/usr/bin/env bash\nshift\nexec bash -c "$1"\n')
+    fake_ssh.chmod(0o755)
+    stub = _stub_python(tmp_path, f"trap 'echo > {tmp_path}/stopped.$$; exit 75' TERM\n"
+                                  f"echo > {tmp_path}/up.$$\nsleep 60 >/dev/null 2>&1 & wait\n")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("alpha\nbeta\n")
+    proc = subprocess.Popen(["bash", "launch/ssh.sh", str(hosts)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(
+                                os.environ, SSH=str(fake_ssh), REMOTE_PYTHON=stub,
+                                REMOTE_DIR=str(tmp_path), LOG_DIR=str(tmp_path / "logs")))
+    deadline = time.time() + 30
+    while len(list(tmp_path.glob("up.*"))) < 2:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.terminate()
+    proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    while len(list(tmp_path.glob("stopped.*"))) < 2:
+        assert time.time() < deadline + 10, "a remote worker was not stopped"
+        time.sleep(0.05)

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from convmixer_dist import plot
+from convmixer_dist.commands import plot
 from convmixer_dist.errors import UsageError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +79,7 @@ def test_no_event_files_is_a_usage_error(tmp_path):
 
 
 def test_command_on_empty_dir_exits_2_with_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "convmixer_dist.plot", f"--model_dir={tmp_path}"],
+    result = subprocess.run([sys.executable, "-m", "convmixer_dist.commands.plot", f"--model_dir={tmp_path}"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"error: --model_dir={tmp_path}: no TensorBoard event files "
@@ -102,7 +102,7 @@ def test_an_unwritable_output_is_refused_before_reading_the_events(tmp_path):
 
 
 def test_command_with_a_missing_flagfile_exits_2_with_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "convmixer_dist.plot", f"--flagfile={tmp_path}/missing"],
+    result = subprocess.run([sys.executable, "-m", "convmixer_dist.commands.plot", f"--flagfile={tmp_path}/missing"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

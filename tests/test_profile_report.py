@@ -7,9 +7,10 @@ import os
 
 import pytest
 
-from convmixer_dist import profile_report, strategy as strategy_lib, train
+from convmixer_dist import strategy as strategy_lib, train
+from convmixer_dist.perf import profile_report
 from convmixer_dist.errors import UsageError
-from convmixer_dist.profile_report import OpRow, UNLISTED, classify
+from convmixer_dist.perf.profile_report import OpRow, UNLISTED, classify
 from helpers import run_cli, tiny_config
 
 
@@ -96,16 +97,16 @@ def test_report_of_a_captured_training_window(model_dir):
 
 
 def test_cli_prints_the_report_and_fails_in_one_line_without_a_profile(model_dir, tmp_path):
-    done = run_cli("convmixer_dist.profile_report", model_dir, "--top=5")
+    done = run_cli("convmixer_dist.perf.profile_report", model_dir, "--top=5")
     assert done.returncode == 0, done.stderr
     assert "| kind | ms | % |" in done.stdout and "## Top 5 ops by self time" in done.stdout
     assert "3 steps" in done.stdout and "host-side ops" in done.stdout
     assert "Traceback" not in done.stderr
 
-    empty = run_cli("convmixer_dist.profile_report", str(tmp_path))
+    empty = run_cli("convmixer_dist.perf.profile_report", str(tmp_path))
     assert empty.returncode == 2 and empty.stderr.count("\n") == 1, empty.stderr
     assert empty.stderr.startswith(f"error: MODEL_DIR {tmp_path}: no profile found")
     assert "capture one with --profile_steps=START,END" in empty.stderr
-    wrong_run = run_cli("convmixer_dist.profile_report", model_dir, "--run=nope")
+    wrong_run = run_cli("convmixer_dist.perf.profile_report", model_dir, "--run=nope")
     assert wrong_run.returncode == 2 and wrong_run.stderr.count("\n") == 1, wrong_run.stderr
     assert wrong_run.stderr.startswith("error: --run=nope: not a profile run of")

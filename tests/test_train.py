@@ -196,3 +196,16 @@ def test_accumulated_micro_batches_give_the_update_of_one_large_batch(tmp_path, 
     for a, b in zip(w1, w2):
         np.testing.assert_allclose(b, a, atol=1e-6, rtol=0)
     assert not np.allclose(w1[0], _weights_after_steps(one, strategy_lib.create_strategy(one), 2)[0][0])
+
+
+def test_accumulated_run_resumes_to_the_same_weights(tmp_path):
+    # Steps, checkpoints and the input stream count optimizer steps: 3 + 3 resumed == 6 straight.
+    # (A constant schedule: the one-cycle schedule would depend on the shorter first run's length.)
+    common = dict(grad_accum_steps=2, train_steps=6, checkpoint_every_steps=3, augment="rrc",
+                  crop_scale=0.5, randaug_n=1, randaug_m=9, augment_on_device=True, deterministic=True,
+                  lr_schedule="constant")
+    straight, _ = _train(tiny_config(str(tmp_path / "straight"), **common))
+    _train(tiny_config(str(tmp_path / "resumed"), **{**common, "train_steps": 3}))
+    resumed, _ = _train(tiny_config(str(tmp_path / "resumed"), **common))
+    assert resumed["resumed_from"].endswith("ckpt-3") and resumed["steps"] == straight["steps"] == 6
+    assert resumed["weights_sha256"] == straight["weights_sha256"]

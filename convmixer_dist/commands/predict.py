@@ -1,24 +1,24 @@
 """Classify image files with an exported model: the top-k classes with names and probabilities.
 
-    python -m convmixer_dist.predict --model=exports/cifar10 [--top_k=5] cat.jpg dog.png ...
+    python -m convmixer_dist.commands.predict --model=exports/cifar10 [--top_k=5] cat.jpg dog.png ...
 
---model is the --output directory of `convmixer_dist.export` (its SavedModel and class_names.json);
+--model is the --output directory of `convmixer_dist.commands.export` (its SavedModel and class_names.json);
 the model does its own resizing and normalization, so any JPEG/PNG/GIF/BMP of any size works.
 Needs only TensorFlow, not the training code.
 """
 from __future__ import annotations
 
-from convmixer_dist import errors
-
 import os
 import sys
+import types
 from typing import Sequence, TextIO
 
-from absl import app, flags
+from absl import flags
 
-from convmixer_dist.errors import UsageError, exit_on_usage_error
+from convmixer_dist import flags as cli
+from convmixer_dist.errors import UsageError
 
-SAVED_MODEL_DIR = "saved_model"  # Layout written by convmixer_dist.export.
+SAVED_MODEL_DIR = "saved_model"  # Layout written by convmixer_dist.commands.export.
 CLASS_NAMES_FILE = "class_names.json"
 
 
@@ -27,7 +27,7 @@ def _check_model_dir(model: str) -> tuple[str, str]:
     names = os.path.join(model, CLASS_NAMES_FILE)
     if not os.path.isfile(os.path.join(saved_model, "saved_model.pb")) or not os.path.isfile(names):
         raise UsageError(f"--model={model}: expected an export directory with {SAVED_MODEL_DIR}/ and "
-                         f"{CLASS_NAMES_FILE} (the --output of python -m convmixer_dist.export)")
+                         f"{CLASS_NAMES_FILE} (the --output of python -m convmixer_dist.commands.export)")
     return saved_model, names
 
 
@@ -84,19 +84,17 @@ def print_predictions(paths: Sequence[str], results, out: TextIO = sys.stdout) -
 
 
 # ---------------------------------------------------------------------------------------- command
-def _define_flags() -> None:
-    flags.DEFINE_string("model", None, "Export directory (the --output of convmixer_dist.export).")
+def define_flags() -> None:
+    flags.DEFINE_string("model", None, "Export directory (the --output of convmixer_dist.commands.export).")
     flags.DEFINE_integer("top_k", 5, "Classes to print per image.")
 
 
-@exit_on_usage_error
-def main(argv) -> None:
-    paths = argv[1:]
-    model, top_k = flags.FLAGS.model, flags.FLAGS.top_k
+def main(paths: list[str], opts: types.SimpleNamespace) -> None:
+    model, top_k = opts.model, opts.top_k
     if not model:
-        raise UsageError("--model is required: the export directory (convmixer_dist.export --output)")
+        raise UsageError("--model is required: the export directory (convmixer_dist.commands.export --output)")
     if not paths:
-        raise UsageError("no images: usage: python -m convmixer_dist.predict --model=DIR IMAGE...")
+        raise UsageError("no images: usage: python -m convmixer_dist.commands.predict --model=DIR IMAGE...")
     if top_k < 1:
         raise UsageError(f"--top_k={top_k}: expected a positive number of classes")
     _check_model_dir(model)
@@ -109,8 +107,5 @@ def main(argv) -> None:
     print_predictions(paths, predict_files(model, paths, top_k))
 
 
-
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    _define_flags()
-    app.run(main, flags_parser=errors.parse_flags)
+    cli.run_command(main, define_flags)

@@ -1,7 +1,7 @@
 """Evaluate a training run's checkpoint on its test split: top-1, top-5, loss, per-class accuracy and
 the confusion matrix, printed and saved in the model directory.
 
-    python -m convmixer_dist.evaluate --model_dir=runs/cifar10 [--checkpoint=runs/cifar10/checkpoints/ckpt-500]
+    python -m convmixer_dist.commands.evaluate --model_dir=runs/cifar10 [--checkpoint=runs/cifar10/checkpoints/ckpt-500]
 
 The run is rebuilt from MODEL_DIR/flags.txt (model and dataset exactly as trained, see `saved_run`);
 without --checkpoint the latest one is used. Training flags given on the command line override the
@@ -12,20 +12,20 @@ MODEL_DIR/confusion_matrix.png.
 """
 from __future__ import annotations
 
-from convmixer_dist import errors
-
 import math
 import os
 import sys
 import time
+import types
 from typing import TextIO
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from convmixer_dist import saved_run
-from convmixer_dist.config import Config, flag_text
-from convmixer_dist.errors import UsageError, exit_on_usage_error
+from convmixer_dist import flags as cli
+from convmixer_dist.commands import saved_run
+from convmixer_dist.config import Config
+from convmixer_dist.errors import UsageError
 
 REPORT_FILE = "eval_report.json"
 CONFUSION_FILE = "confusion_matrix.png"
@@ -63,8 +63,7 @@ def predict_split(config: Config, model, out: TextIO = sys.stdout) -> tuple[np.n
     from convmixer_dist.config import derive
 
     arrays = None if config.dataset == "synthetic" else data.load_arrays(config)
-    sizes = (None, None) if arrays is None else (len(arrays["train"][0]), len(arrays["test"][0]))
-    derived = derive(config, 1, *sizes)
+    derived = derive(config, 1, *data.split_sizes(config, arrays))
     dataset = data.make_dataset_fn(config, derived, "eval", arrays)(tf.distribute.InputContext())
     batches = math.ceil(derived.eval_size / derived.per_replica_batch_size)
     predict = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
@@ -168,39 +167,26 @@ def evaluate_run(config: Config, checkpoint: str | None = None, out: TextIO = sy
 
 
 # ---------------------------------------------------------------------------------------- command
-def _define_flags() -> None:
-    from convmixer_dist import flags as cli  # noqa: F401  (--model_dir, --data_dir, ... as overrides)
-
+def define_flags() -> None:
+    """--checkpoint; the training flags (--model_dir, --data_dir, ...) override the run's."""
     flags.DEFINE_string("checkpoint", None, "Checkpoint prefix (MODEL_DIR/checkpoints/ckpt-N); "
                         "default: the latest.")
     for name in ("model_dir", "data_dir", "global_batch_size"):
         flags.declare_key_flag(name)
 
 
-def _overrides() -> dict[str, str]:
-    """Training flags set on this command line, as flagfile text (they replace the run's values)."""
-    from convmixer_dist import flags as cli
-
-    return {name: flag_text(cli.FLAGS[name].value) for name in cli.FLAGS
-            if cli.FLAGS[name].present and name not in ("model_dir", "checkpoint")
-            and name in {f for f in Config.__dataclass_fields__}}
-
-
-@exit_on_usage_error
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise UsageError(f"unexpected arguments {argv[1:]}; usage: --model_dir=DIR [--checkpoint=PREFIX]")
-    if not flags.FLAGS["model_dir"].present:
+def main(args: list[str], opts: types.SimpleNamespace) -> None:
+    if args:
+        raise UsageError(f"unexpected arguments {args}; usage: --model_dir=DIR [--checkpoint=PREFIX]")
+    overrides = dict(opts.overrides)
+    if "model_dir" not in overrides:
         raise UsageError("--model_dir is required: the directory of the training run to evaluate")
-    config = saved_run.load_run_config(flags.FLAGS.model_dir, _overrides())
+    config = saved_run.load_run_config(overrides.pop("model_dir"), overrides)
     from convmixer_dist.runtime import quiet_tensorflow_import
 
     quiet_tensorflow_import()
-    evaluate_run(config, flags.FLAGS.checkpoint)
-
+    evaluate_run(config, opts.checkpoint)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    _define_flags()
-    app.run(main, flags_parser=errors.parse_flags)
+    cli.run_command(main, define_flags, training=True)

@@ -1,6 +1,6 @@
 """Training curves from a model directory's TensorBoard event files, as one PNG.
 
-    python -m convmixer_dist.plot --model_dir=runs/cifar10 [--output=curves.png]
+    python -m convmixer_dist.commands.plot --model_dir=runs/cifar10 [--output=curves.png]
 
 Every directory under --model_dir that holds `events.out.tfevents.*` files is a run, named by its
 path relative to --model_dir (`train`, `eval`, ...). All scalar tags are read, whether written by
@@ -14,11 +14,13 @@ from __future__ import annotations
 import math
 import os
 import sys
+import types
 from typing import Dict, List, Tuple
 
-from absl import app, flags
+from absl import flags
 
-from convmixer_dist.errors import UsageError, exit_on_usage_error, parse_flags
+from convmixer_dist import flags as cli
+from convmixer_dist.errors import UsageError
 
 EVENT_FILE_MARKER = "events.out.tfevents."
 DEFAULT_OUTPUT = "training_curves.png"
@@ -156,22 +158,19 @@ def plot_model_dir(model_dir: str, output: str | None = None) -> str:
     return plot_scalars(scalars, output, title=os.path.basename(os.path.normpath(model_dir)))
 
 
-def _define_flags() -> None:
-    # Defined only when run as a command, so importing this module never clashes with core flags.
+def define_flags() -> None:
     flags.DEFINE_string("model_dir", None, "Model directory whose TensorBoard event files to plot.")
     flags.DEFINE_string("output", None, f"PNG to write (default: <model_dir>/{DEFAULT_OUTPUT}).")
 
 
-@exit_on_usage_error
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise UsageError(f"unexpected arguments {argv[1:]}; usage: --model_dir=DIR [--output=PNG]")
-    if not flags.FLAGS.model_dir:
+def main(args: list[str], opts: types.SimpleNamespace) -> None:
+    if args:
+        raise UsageError(f"unexpected arguments {args}; usage: --model_dir=DIR [--output=PNG]")
+    if not opts.model_dir:
         raise UsageError("--model_dir is required: the model directory whose event files to plot")
-    path = plot_model_dir(flags.FLAGS.model_dir, flags.FLAGS.output)
+    path = plot_model_dir(opts.model_dir, opts.output)
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    _define_flags()
-    app.run(main, flags_parser=parse_flags)
+    cli.run_command(main, define_flags)

@@ -1,6 +1,6 @@
 """Export a training run's checkpoint as a self-contained classifier: uint8 images in, probabilities out.
 
-    python -m convmixer_dist.export --model_dir=runs/cifar10 --output=exports/cifar10 [--checkpoint=PREFIX]
+    python -m convmixer_dist.commands.export --model_dir=runs/cifar10 --output=exports/cifar10 [--checkpoint=PREFIX]
 
 OUTPUT/
   saved_model/       TensorFlow SavedModel, signature `serving_default` (endpoint `serve`):
@@ -17,17 +17,17 @@ checkpoint's predictions on the evaluation pipeline's inputs.
 """
 from __future__ import annotations
 
-from convmixer_dist import errors
-
 import os
 import sys
+import types
 from typing import TextIO
 
-from absl import app, flags, logging
+from absl import flags
 
-from convmixer_dist import saved_run
+from convmixer_dist import flags as cli
+from convmixer_dist.commands import saved_run
 from convmixer_dist.config import Config
-from convmixer_dist.errors import UsageError, exit_on_usage_error
+from convmixer_dist.errors import UsageError
 
 SAVED_MODEL_DIR = "saved_model"
 KERAS_FILE = "model.keras"
@@ -86,34 +86,28 @@ def export_run(config: Config, output: str, checkpoint: str | None = None,
 
 
 # ---------------------------------------------------------------------------------------- command
-def _define_flags() -> None:
-    from convmixer_dist import flags as cli  # noqa: F401  (--model_dir and the run's flags)
-
+def define_flags() -> None:
+    """--output and --checkpoint; --model_dir is the training flag."""
     flags.DEFINE_string("output", None, "Directory to write the export to.")
     flags.DEFINE_string("checkpoint", None, "Checkpoint prefix (MODEL_DIR/checkpoints/ckpt-N); "
                         "default: the latest.")
     flags.declare_key_flag("model_dir")
 
 
-@exit_on_usage_error
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise UsageError(f"unexpected arguments {argv[1:]}; usage: --model_dir=DIR --output=DIR")
-    if not flags.FLAGS["model_dir"].present:
+def main(args: list[str], opts: types.SimpleNamespace) -> None:
+    if args:
+        raise UsageError(f"unexpected arguments {args}; usage: --model_dir=DIR --output=DIR")
+    if "model_dir" not in opts.overrides:
         raise UsageError("--model_dir is required: the directory of the training run to export")
-    if not flags.FLAGS.output:
+    if not opts.output:
         raise UsageError("--output is required: the directory to write the exported model to")
-    _check_output(flags.FLAGS.output)
-    config = saved_run.load_run_config(flags.FLAGS.model_dir)
-    logging.set_verbosity(logging.WARNING)  # TensorFlow's SavedModel writer logs INFO lines.
+    _check_output(opts.output)
+    config = saved_run.load_run_config(opts.overrides["model_dir"])
     from convmixer_dist.runtime import quiet_tensorflow_import
 
     quiet_tensorflow_import()
-    export_run(config, flags.FLAGS.output, flags.FLAGS.checkpoint)
-
+    export_run(config, opts.output, opts.checkpoint)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    _define_flags()
-    app.run(main, flags_parser=errors.parse_flags)
+    cli.run_command(main, define_flags, training=True)

@@ -1,7 +1,7 @@
 """Augmentation throughput (images/s) in both placements, for sizing the input pipeline.
 
-    taskset -c 0 python -m convmixer_dist.augment_benchmark --randaug_n=2 --randaug_m=12   # 1 core
-    python -m convmixer_dist.augment_benchmark --placement=on_device --image_size=224 --batch_size=64 \
+    taskset -c 0 python -m convmixer_dist.perf.augment_benchmark --randaug_n=2 --randaug_m=12   # 1 core
+    python -m convmixer_dist.perf.augment_benchmark --placement=on_device --image_size=224 --batch_size=64 \
         --augment=rrc --crop_scale=0.08 --randaug_n=2 --randaug_m=9
 
 The augmentation is the one training would apply with the same training flags (--augment,
@@ -18,30 +18,28 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
+import types
 
-from absl import app, flags
+from absl import flags
 
-from convmixer_dist import flags as cli  # Defines the training flags (the augmentation settings).
+from convmixer_dist import flags as cli
 from convmixer_dist import rundir
-from convmixer_dist.errors import UsageError, exit_on_usage_error, parse_flags
+from convmixer_dist.errors import UsageError
+from convmixer_dist.perf.timing import time_calls
+
+TRAINING_FLAGS = ("augment", "crop_scale", "randaug_n", "randaug_m", "jitter", "erase_prob",
+                  "mixup_alpha", "cutmix_alpha", "image_size", "seed")
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
+    """The benchmark's own flags; `--help` also lists the training flags it reads."""
     flags.DEFINE_enum("placement", "both", ["tf_data", "on_device", "both"], "What to time.")
     flags.DEFINE_integer("batch_size", 256, "Images per augmented batch.")
     flags.DEFINE_integer("batches", 40, "Timed batches (after 5 warm-up batches).")
     flags.DEFINE_bool("hflip", False, "Also flip horizontally (as --augment=rrc does).")
     flags.DEFINE_string("output", "runs/augment_benchmark.json", "Where to write the JSON result.")
-
-
-def _time(run_batch, batches: int) -> float:
-    for _ in range(5):
-        run_batch()
-    start = time.perf_counter()
-    for _ in range(batches):
-        run_batch()
-    return time.perf_counter() - start
+    for name in TRAINING_FLAGS:
+        flags.declare_key_flag(name)
 
 
 def benchmark(spec, placement: str, batch_size: int, image_size: int, batches: int) -> float:
@@ -59,20 +57,19 @@ def benchmark(spec, placement: str, batch_size: int, image_size: int, batches: i
         dataset = (tf.data.Dataset.from_tensors((images, labels)).repeat()
                    .map(lambda x, y: (tf.cast(x, tf.float32), y)))
         iterator = iter(augmenter.map_dataset(dataset).prefetch(2))
-        seconds = _time(lambda: next(iterator), batches)
+        seconds = sum(time_calls(lambda: next(iterator), 5, batches))
     else:
         step_fn = tf.function(lambda x, y, s: augmenter(x, y, step=s))
         x, y = tf.cast(tf.constant(images), tf.float32), tf.constant(labels)
         counter = iter(range(10**9))
-        seconds = _time(lambda: step_fn(x, y, tf.constant(next(counter), tf.int64))[0].numpy(), batches)
+        seconds = sum(time_calls(lambda: step_fn(x, y, tf.constant(next(counter), tf.int64))[0].numpy(),
+                                  5, batches))
     return batches * batch_size / seconds
 
 
-@exit_on_usage_error
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise UsageError(f"unexpected arguments {argv[1:]}")
-    f = flags.FLAGS
+def main(args: list[str], f: types.SimpleNamespace) -> None:
+    if args:
+        raise UsageError(f"unexpected arguments {args}")
     config = cli.config_from_flags()
     rundir.ensure_writable_file(f.output, f"--output={f.output}")
     from convmixer_dist.runtime import quiet_tensorflow_import
@@ -98,7 +95,6 @@ def main(argv) -> None:
     rundir.write_json(f.output, results)
     print(f"Saved {f.output}", flush=True)
 
+
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    _define_flags()
-    app.run(main, flags_parser=parse_flags)
+    cli.run_command(main, define_flags, training=True)

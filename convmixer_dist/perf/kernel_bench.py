@@ -1,7 +1,7 @@
 """Micro-benchmark of ConvMixer's hot spot: the depthwise convolution ('same' padding, stride 1).
 
-    python -m convmixer_dist.kernel_bench                  # full default grid on the default device
-    python -m convmixer_dist.kernel_bench --kernel_sizes=9 --hidden_dims=768 --dtypes=float32 \\
+    python -m convmixer_dist.perf.kernel_bench                  # full default grid on the default device
+    python -m convmixer_dist.perf.kernel_bench --kernel_sizes=9 --hidden_dims=768 --dtypes=float32 \\
         --data_formats=NHWC --xla=off,on --output_dir=/tmp/kb --profile
     tensorboard --logdir /tmp/kb                           # Profile tab, one step per grid point
 
@@ -23,12 +23,14 @@ import io
 import itertools
 import os
 import statistics
-import time
+import types
 
-from absl import app, flags
+from absl import flags
 
+from convmixer_dist import flags as cli
 from convmixer_dist import rundir
-from convmixer_dist.errors import UsageError, exit_on_usage_error, parse_flags
+from convmixer_dist.errors import UsageError
+from convmixer_dist.perf.timing import time_calls
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CHOICES = {"dtypes": tuple(DTYPE_BYTES), "data_formats": ("NHWC", "NCHW"), "xla": ("off", "on"),
@@ -37,7 +39,7 @@ FIELDS = ["kernel_size", "hidden_dim", "batch_size", "spatial", "dtype", "data_f
           "status", "time_ms", "min_ms", "flops", "bytes", "gflops", "gb_s"]
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
     flags.DEFINE_string("kernel_sizes", "3,5,7,9", "Depthwise kernel sizes (1..31).")
     flags.DEFINE_string("hidden_dims", "256,768", "Channels C (ConvMixer hidden dim).")
     flags.DEFINE_string("batch_sizes", "64", "Batch sizes N.")
@@ -167,13 +169,7 @@ def run_point(point: Point, warmup: int, iters: int, device: str = "/CPU:0") -> 
     except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, tf.errors.NotFoundError) as err:
         return {**row, "status": f"unsupported: {_reason(err)}", "time_ms": None, "min_ms": None,
                 "gflops": None, "gb_s": None}
-    for _ in range(max(warmup - 1, 0)):
-        fn(*args)[-1].numpy()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn(*args)[-1].numpy()
-        times.append(time.perf_counter() - start)
+    times = time_calls(lambda: fn(*args)[-1].numpy(), max(warmup - 1, 0), iters)
     median = statistics.median(times)
     return {**row, "status": "ok", "time_ms": median * 1e3, "min_ms": min(times) * 1e3,
             "gflops": flops / median / 1e9, "gb_s": nbytes / median / 1e9}
@@ -219,11 +215,9 @@ def format_row(row: dict) -> str:
     return (f"{head} {row['time_ms']:9.3f} {row['min_ms']:9.3f} {row['gflops']:8.1f} {row['gb_s']:7.1f}")
 
 
-@exit_on_usage_error
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise UsageError(f"unexpected arguments {argv[1:]}")
-    f = flags.FLAGS
+def main(args: list[str], f: types.SimpleNamespace) -> None:
+    if args:
+        raise UsageError(f"unexpected arguments {args}")
     if f.iters < 1 or f.warmup < 0:
         raise UsageError(f"--iters={f.iters} --warmup={f.warmup}: expected iters >= 1 and warmup >= 0")
     points = grid(parse_int_list("kernel_sizes", f.kernel_sizes, 1, 31),
@@ -262,6 +256,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    _define_flags()
-    app.run(main, flags_parser=parse_flags)
+    cli.run_command(main, define_flags)

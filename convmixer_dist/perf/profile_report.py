@@ -2,8 +2,8 @@
 of work (depthwise conv, pointwise conv, batch norm, all-reduce, input, optimizer, ...).
 
     python -m convmixer_dist.main ... --profile_steps=10,20 --model_dir=runs/x   # capture a profile
-    python -m convmixer_dist.profile_report runs/x [--top=15] [--run=RUN] [--side=auto|host|device]
-    python -m convmixer_dist.profile_report runs/x/plugins/profile/RUN/HOST.xplane.pb   # one host
+    python -m convmixer_dist.perf.profile_report runs/x [--top=15] [--run=RUN] [--side=auto|host|device]
+    python -m convmixer_dist.perf.profile_report runs/x/plugins/profile/RUN/HOST.xplane.pb   # one host
 
 MODEL_DIR's newest run under plugins/profile/ is read (--run picks another; a run directory or a
 single .xplane.pb works too), all its hosts together. The numbers come from the profiler's own
@@ -28,19 +28,20 @@ converters also cache their results there (ALL_HOSTS.op_stats_v2.pb), as TensorB
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import json
 import os
 import re
-import tempfile
-from typing import Iterator, Sequence
+import types
+from typing import Sequence
 
-from absl import app, flags
+from absl import flags
 
-from convmixer_dist import errors, rundir
-from convmixer_dist.errors import UsageError, exit_on_usage_error
+from convmixer_dist import flags as cli
+from convmixer_dist import rundir
+from convmixer_dist.errors import UsageError
+from convmixer_dist.runtime import native_stderr_captured
 
 REPORT_JSON, REPORT_MD = "profile_report.json", "profile_report.md"
 MODEL_KINDS = ("depthwise_conv", "pointwise_conv", "stem_conv", "batch_norm", "activation", "head")
@@ -108,28 +109,13 @@ def find_profile(path: str, run: str | None = None) -> list[str]:
 
 
 # ------------------------------------------------------------------------ reading through xprof
-@contextlib.contextmanager
-def _native_stderr_captured() -> Iterator[list[str]]:
-    """Hold back what the converters' C++ code logs to fd 2 (e.g. "No UnifiedProfileProcessor
-    registered for tool: trace_viewer", harmless); the lines are yielded for error messages."""
-    lines: list[str] = []
-    with tempfile.TemporaryFile(mode="w+") as sink:
-        saved = os.dup(2)
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield lines
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            lines.extend(line.strip() for line in sink if line.strip())
-
-
 def _tool_json(paths: list[str], tool: str):
     """The converter's JSON for `tool`, or None if it failed (with the native log's last line)."""
     from xprof.convert import raw_to_tool_data
 
-    with _native_stderr_captured() as log:
+    # The converters' C++ code logs harmless lines (e.g. "No UnifiedProfileProcessor registered for
+    # tool: trace_viewer") to fd 2: held back, the last one explains a failure.
+    with native_stderr_captured() as log:
         data, _ = raw_to_tool_data.xspace_to_tool_data(paths, tool, {})
     if data is None:
         return None, (log[-1].split("] ", 1)[-1] if log else "no details")
@@ -327,26 +313,22 @@ def write_report(report: dict) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------------------- command
-def _define_flags() -> None:
+def define_flags() -> None:
     flags.DEFINE_string("run", None, "Profile run under MODEL_DIR/plugins/profile/ (default: the newest).")
     flags.DEFINE_integer("top", 15, "How many ops to list by self time.", lower_bound=1)
     flags.DEFINE_enum("side", "auto", ["auto", "host", "device"],
                       "Whose op time to analyse: auto = device ops if the profile has any, else host.")
 
 
-@exit_on_usage_error
-def main(argv) -> None:
-    if len(argv) != 2:
+def main(args: list[str], f: types.SimpleNamespace) -> None:
+    if len(args) != 1:
         raise UsageError("expected one MODEL_DIR (or a profile run directory or .xplane.pb file); "
-                         "usage: python -m convmixer_dist.profile_report MODEL_DIR [--top=N] [--run=RUN]")
-    f = flags.FLAGS
-    report = build_report(find_profile(argv[1], f.run), f.top, f.side)
+                         "usage: python -m convmixer_dist.perf.profile_report MODEL_DIR [--top=N] [--run=RUN]")
+    report = build_report(find_profile(args[0], f.run), f.top, f.side)
     json_path, md_path = write_report(report)
     print(to_markdown(report), flush=True)
     print(f"wrote {json_path} and {md_path}")
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    _define_flags()
-    app.run(main, flags_parser=errors.parse_flags)
+    cli.run_command(main, define_flags)

@@ -1,0 +1,102 @@
+"""Training throughput of the PyTorch reference ConvMixer, to compare `convmixer_dist.benchmark` with.
+
+Not part of the package: nothing imports it, and torch is not in requirements.txt. Run it with a
+PyTorch install of its own, e.g. a virtualenv that has only torch (plain `pip install torch`):
+
+    python -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch numpy
+    /tmp/torchvenv/bin/python benchmarks/torch_reference.py --hidden_dim=256 --depth=8 \\
+        --kernel_size=5 --patch_size=2 --batch_size=64 --windows=5 --window_steps=10
+
+The model is the paper's reference implementation (Trockman & Kolter, arXiv:2201.09792, its
+`ConvMixer` function: nn.Conv2d, nn.GELU, nn.BatchNorm2d with PyTorch's defaults, a Residual
+wrapper), trained with AdamW on one cached random batch in float32, channels-first as the reference
+does, eager mode. Like `convmixer_dist.benchmark`'s `custom_input_excluded` run it excludes input,
+warms up, then prints the median images/s of the timed windows and writes it as JSON (`--output`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch import nn
+
+
+class Residual(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x) + x
+
+
+def conv_mixer(dim: int, depth: int, kernel_size: int, patch_size: int, n_classes: int) -> nn.Module:
+    """The reference ConvMixer, as published."""
+    return nn.Sequential(
+        nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size), nn.GELU(), nn.BatchNorm2d(dim),
+        *[nn.Sequential(
+            Residual(nn.Sequential(nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same"),
+                                   nn.GELU(), nn.BatchNorm2d(dim))),
+            nn.Conv2d(dim, dim, kernel_size=1), nn.GELU(), nn.BatchNorm2d(dim)) for _ in range(depth)],
+        nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(dim, n_classes))
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hidden_dim", type=int, default=256)
+    p.add_argument("--depth", type=int, default=8)
+    p.add_argument("--kernel_size", type=int, default=5)
+    p.add_argument("--patch_size", type=int, default=2)
+    p.add_argument("--image_size", type=int, default=32)
+    p.add_argument("--num_classes", type=int, default=10)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--warmup_windows", type=int, default=1)
+    p.add_argument("--windows", type=int, default=5)
+    p.add_argument("--window_steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 = torch's default")
+    p.add_argument("--output", default="", help="JSON file for the result; empty = print only")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = conv_mixer(args.hidden_dim, args.depth, args.kernel_size, args.patch_size, args.num_classes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.01)
+    loss_fn = nn.CrossEntropyLoss()
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    labels = torch.randint(0, args.num_classes, (args.batch_size,))
+    model.train()
+
+    def window() -> float:
+        start = time.perf_counter()
+        for _ in range(args.window_steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(images), labels)
+            loss.backward()
+            optimizer.step()
+        float(loss)
+        return time.perf_counter() - start
+
+    for _ in range(args.warmup_windows):
+        window()
+    rates = []
+    for i in range(args.windows):
+        rates.append(args.window_steps * args.batch_size / window())
+        print(f"  torch: window {i + 1}/{args.windows} {rates[-1]:.1f} img/s", flush=True)
+    result = {**vars(args), "images_per_sec": statistics.median(rates), "window_images_per_sec": rates,
+              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    print(f"torch_reference: {result['images_per_sec']:.1f} img/s (median of {args.windows}), "
+          f"torch {torch.__version__}, {result['threads']} threads", flush=True)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
