@@ -214,6 +214,42 @@ def _log_period(config: Config, derived: Derived) -> int:
     return max(1, round(tenth / config.steps_per_loop)) * config.steps_per_loop
 
 
+class Throughput:
+    """Images per second of the whole run (summary.json) and of each logging window (progress line,
+    TensorBoard `images_per_sec`/`step_time_ms`), so a slowdown shows in the curves instead of
+    vanishing in an average since the start. The first call (tracing, compilation) counts in neither
+    average, except as the rate of a window that holds nothing else."""
+
+    def __init__(self) -> None:
+        self.run_images, self.run_seconds = 0, 0.0
+        self.window_images, self.window_seconds = 0, 0.0
+        self.last_call_rate = 0.0
+        self.calls = 0
+
+    def add(self, images: int, seconds: float) -> None:
+        """Record one loop call that trained `images` images in `seconds`."""
+        self.calls += 1
+        self.last_call_rate = images / max(seconds, 1e-9)
+        if self.calls == 1:
+            return
+        self.run_images += images
+        self.run_seconds += seconds
+        self.window_images += images
+        self.window_seconds += seconds
+
+    def window_rate(self) -> float:
+        """The rate since the previous `window_rate` call (then a new window starts)."""
+        rate = (self.window_images / self.window_seconds if self.window_seconds
+                else self.last_call_rate)
+        self.window_images, self.window_seconds = 0, 0.0
+        return rate
+
+    @property
+    def run_rate(self) -> float | None:
+        """The rate over the whole run (None before a second call)."""
+        return self.run_images / self.run_seconds if self.run_seconds else None
+
+
 def _say(chief: bool, text: str) -> None:
     if chief:
         print(text, flush=True)
@@ -399,7 +435,7 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
 
     # ---- loop
     log_every = _log_period(config, derived)
-    timing = {"images": 0, "seconds": 0.0}
+    timing = Throughput()
     nan_at_step = config.fault_inject_nan_at_step
     eval_metrics: dict = {}
     rollbacks = 0
@@ -409,7 +445,6 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
         step = int(step_var.numpy())
         iterator = iter(data.train_dataset(strategy, config, derived, arrays, step, ids=train_ids))
         metrics: dict = {}
-        first_call = True
         while step < derived.total_steps:
             epoch = step // derived.steps_per_epoch
             epoch_end = min((epoch + 1) * derived.steps_per_epoch, derived.total_steps)
@@ -439,14 +474,9 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
                 step_var.assign(step)
                 epoch_totals.assign_add(totals)
                 window += totals
-                if not first_call:  # The first call includes tracing and compilation.
-                    timing["images"] += n * config.global_batch_size
-                    timing["seconds"] += seconds
-                first_call = False
+                timing.add(n * config.global_batch_size, seconds)
                 if n and (step % log_every == 0 or step == epoch_end):
-                    rate = (timing["images"] / timing["seconds"] if timing["seconds"]
-                            else n * config.global_batch_size / max(seconds, 1e-9))
-                    log_train(step, epoch, window, lr, rate)
+                    log_train(step, epoch, window, lr, timing.window_rate())
                     window[:] = 0
                 if watcher.should_stop():
                     save(step)
@@ -522,7 +552,7 @@ def _train_and_evaluate(config, strategy, chief, kind, policy, wall_start) -> di
         "train_loss": totals[0] / totals[2] if totals[2] else None,
         "train_accuracy": totals[1] / totals[2] if totals[2] else None,
         "steps": step, "epochs": derived.epochs, "steps_per_epoch": derived.steps_per_epoch,
-        "images_per_sec": timing["images"] / timing["seconds"] if timing["seconds"] else None,
+        "images_per_sec": timing.run_rate,
         "wall_seconds": time.time() - wall_start,
         "num_replicas": derived.num_replicas, "precision": policy, "xla": xla,
         "strategy": config.strategy, "model": config.model, "parameters": count_params(model),

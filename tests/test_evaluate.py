@@ -130,6 +130,9 @@ def test_a_broken_or_short_class_names_file_is_one_usage_error(run, tmp_path, na
 
     model_dir = str(tmp_path / "run")
     shutil.copytree(run[0], model_dir)
+    for output in (evaluate.REPORT_FILE, evaluate.CONFUSION_FILE):  # from earlier evaluations
+        if os.path.exists(os.path.join(model_dir, output)):
+            os.remove(os.path.join(model_dir, output))
     with open(os.path.join(model_dir, "class_names.json"), "w") as f:
         f.write(names)
     config = saved_run.load_run_config(model_dir)
@@ -143,6 +146,9 @@ def test_unwritable_outputs_are_refused_before_the_evaluation(run, tmp_path):
 
     model_dir = str(tmp_path / "run")
     shutil.copytree(run[0], model_dir)
+    for output in (evaluate.REPORT_FILE, evaluate.CONFUSION_FILE):  # from earlier evaluations
+        if os.path.exists(os.path.join(model_dir, output)):
+            os.remove(os.path.join(model_dir, output))
     os.mkdir(os.path.join(model_dir, evaluate.REPORT_FILE))  # cannot be written, even by root
     out = io.StringIO()
     with pytest.raises(UsageError, match=rf"^--model_dir={model_dir}: .*eval_report.json is a directory"):

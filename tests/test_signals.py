@@ -105,3 +105,41 @@ def test_stop_signals_in_every_phase(tmp_path):
     after = sorted(os.listdir(os.path.join(model_dir, "checkpoints")))
     assert set(before) <= set(after)
     assert not os.path.exists(os.path.join(model_dir, ".lock"))
+
+
+def test_sigterm_to_one_worker_stops_both_at_the_same_step_inside_the_call(tmp_path):
+    # The stop flag is all-reduced inside the loop: worker 1 alone receives SIGTERM, both workers
+    # leave a 10**6-step call at the same step, save together and exit 75.
+    model_dir = tmp_path / "mw"
+    tiny = [a for a in RUN if not a.startswith("--global_batch_size")] + [
+        "--global_batch_size=16", "--collective_timeout=60"]
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("TF_CONFIG", None)
+    proc = subprocess.Popen(["bash", "launch/local.sh", "2", f"--model_dir={model_dir}", *tiny],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for_line(proc, "parameters;")  # the chief's run header, shown live by the launcher
+        time.sleep(3)
+        worker1 = []
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace")
+                environ = open(f"/proc/{entry}/environ", "rb").read().decode(errors="replace")
+            except OSError:
+                continue
+            if "convmixer_dist.main" in cmdline and str(model_dir) in cmdline and '"index": 1}' in environ:
+                worker1.append(int(entry))
+        assert len(worker1) == 1
+        os.kill(worker1[0], signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 75
+    logs = [(model_dir / "logs" / f"worker-{i}.log").read_text() for i in (0, 1)]
+    stops = [[line for line in log.splitlines() if line.startswith("preempted: stopped by signal at step ")]
+             for log in logs]
+    assert all(len(s) == 1 for s in stops), logs
+    steps = [int(s[0].split("at step ")[1].split(";")[0]) for s in stops]
+    assert steps[0] == steps[1] < 1000000 and _latest_step(str(model_dir)) == steps[0]

@@ -209,3 +209,15 @@ def test_accumulated_run_resumes_to_the_same_weights(tmp_path):
     resumed, _ = _train(tiny_config(str(tmp_path / "resumed"), **common))
     assert resumed["resumed_from"].endswith("ckpt-3") and resumed["steps"] == straight["steps"] == 6
     assert resumed["weights_sha256"] == straight["weights_sha256"]
+
+
+def test_throughput_logs_each_window_and_keeps_the_run_average():
+    meter = train.Throughput()
+    meter.add(100, 10.0)  # the first call: tracing, excluded from both averages
+    assert meter.window_rate() == 10.0 and meter.run_rate is None  # a window with nothing else
+    meter.add(100, 0.1)
+    meter.add(100, 0.1)
+    assert meter.window_rate() == pytest.approx(1000.0)
+    meter.add(100, 1.0)  # a slowdown: the window shows it at once ...
+    assert meter.window_rate() == pytest.approx(100.0)
+    assert meter.run_rate == pytest.approx(300 / 1.2)  # ... the run average (summary.json) lags
