@@ -252,12 +252,13 @@ def basic_augment(image, seed, image_size: int):
 
 
 def _example_fn(config: Config, split: str, arrays) -> Callable:
-    """index -> (uint8 image at config.image_size, int32 label), in-graph (random access by index)."""
+    """index -> (uint8 image at config.image_size, int32 label), in-graph (random access by index).
+    The validation split indexes the training examples (it is held out of them)."""
     if config.dataset == "synthetic":
-        # Eval indices are offset so they never coincide with training examples.
-        offset = 1 << 30 if split == "eval" else 0
+        # Test indices are offset so they never coincide with training examples.
+        offset = 1 << 30 if split == "test" else 0
         return lambda i: synthetic_example(i + offset, config.seed, config.image_size, config.num_classes)
-    images, labels = arrays["test" if split == "eval" else "train"]
+    images, labels = arrays["test" if split == "test" else "train"]
     images, labels = tf.constant(images), tf.constant(labels, tf.int32)
     if config.dataset == "image_folder":  # `images` are file paths, decoded in the pipeline.
         fraction = config.eval_crop_fraction if split != "train" else 1.0
@@ -338,97 +339,132 @@ def validation_split(config: Config, train_size: int) -> tuple[np.ndarray, np.nd
     return np.sort(order[held_out:]), np.sort(order[:held_out])
 
 
-def make_dataset_fn(config: Config, derived: Derived, split: str, arrays=None,
-                    start_step: int = 0, ids: np.ndarray | None = None) -> Callable:
-    """The per-input-pipeline dataset builder for `strategy.distribute_datasets_from_function`.
-
-    `split` is "train", "eval" (the test split) or "val" (held-out training examples `ids`; for
-    "train", `ids` restricts training to those examples). Training data starts at global step
-    `start_step` (resume) and is identical, batch for batch, to what an uninterrupted run reads there.
-    """
-    mean, std = NORMALIZATION[config.dataset]
-    batch = derived.per_replica_batch_size
-    example = None if config.dataset == "tfrecord" else _example_fn(config, split, arrays)
-    if split != "eval" and ids is None:
-        # The split is a pure function of the config: a caller cannot forget it and train on the
-        # validation examples.
+def _split_ids(config: Config, derived: Derived, split: str, arrays, ids: np.ndarray | None
+               ) -> np.ndarray | None:
+    """The example ids a split reads (None: all of it). The validation hold-out is a pure function of
+    the config, so a caller cannot forget it and train on the validation examples."""
+    if split != "test" and ids is None:
         held_out = validation_split(config, split_sizes(config, arrays)[0])
         ids = None if held_out is None else held_out[0 if split == "train" else 1]
-    if split == "val" and ids is None:
+    if split == "validation" and ids is None:
         raise ValueError("the validation split needs --validation_fraction > 0")
     if split == "train" and ids is not None and len(ids) != derived.train_size:
         raise ValueError(f"derived.train_size={derived.train_size} but {len(ids)} training ids: "
                          "derive() must count the training ids only")
-    id_table = None if ids is None else tf.constant(ids, tf.int64)
+    return ids
 
-    def train_examples(pipeline: int, pipelines: int) -> tf.data.Dataset:
-        """This pipeline's unbatched (uint8 image, label) training stream from `start_step`."""
-        # Each global step consumes global_batch_size examples (all micro-batches of the step).
-        local = config.global_batch_size // pipelines
-        aug_seed = tf.constant(config.seed * 7919, tf.int64)
-        if config.dataset == "tfrecord":
-            # Each pipeline reads its own files: its own stream, positions counted per pipeline.
-            records = arrays["tfrecord"]
-            crop = train_crop_fn(config) if crops_per_example(config) else None
-            seed = (aug_seed * 1009 + pipeline)
 
-            def load_record(position, serialized):
-                data, label = tfrecord.parse(serialized, config.tfrecord_label_offset)
-                if crop is not None:
-                    return crop(data, tf.stack([seed, position])), label
-                image = image_decode.center_crop(image_decode.decode_full(data), config.image_size)
-                if config.augment == "basic":
-                    image = basic_augment(image, tf.stack([seed, position]), config.image_size)
-                return image, label
+def _tfrecord_train_examples(config: Config, arrays, pipeline: int, pipelines: int,
+                             start_step: int) -> tf.data.Dataset:
+    """This pipeline's unbatched (uint8 image, label) stream of its own TFRecord files from
+    `start_step` (positions counted per pipeline)."""
+    local = config.global_batch_size // pipelines
+    records = arrays["tfrecord"]
+    crop = train_crop_fn(config) if crops_per_example(config) else None
+    seed = tf.constant(config.seed * 7919, tf.int64) * 1009 + pipeline
 
-            ds = tfrecord.train_records(records.train_files, records.train_counts, pipeline, pipelines,
-                                        config.seed * 997, start_step * local)
-            return ds.map(load_record, num_parallel_calls=AUTOTUNE)
-        # One global stream for every topology: each global step takes the next global batch,
-        # and this pipeline reads (only) the slice that belongs to its replicas. So 2 workers x 1
-        # replica see exactly the batches of 1 worker x 2 replicas, or of one device.
-        first = pipeline * local
-        ds = _train_indices(derived.train_size, config.seed * 997, start_step * config.global_batch_size)
-        ds = ds.batch(config.global_batch_size, drop_remainder=True)
-        ds = ds.map(lambda pos, idx: (pos[first:first + local], idx[first:first + local])).unbatch()
-        crop = train_crop_fn(config) if crops_per_example(config) else None
-        paths = (tf.constant(arrays["train"][0]) if crop is not None else None)
-        labels = (tf.constant(arrays["train"][1], tf.int32) if crop is not None else None)
+    def load_record(position, serialized):
+        data, label = tfrecord.parse(serialized, config.tfrecord_label_offset)
+        if crop is not None:
+            return crop(data, tf.stack([seed, position])), label
+        image = image_decode.center_crop(image_decode.decode_full(data), config.image_size)
+        if config.augment == "basic":
+            image = basic_augment(image, tf.stack([seed, position]), config.image_size)
+        return image, label
 
-        def load(position, index):
-            index = index if id_table is None else tf.gather(id_table, index)
-            if crop is not None:
-                return crop(tf.gather(paths, index), tf.stack([aug_seed, position])), tf.gather(labels, index)
-            image, label = example(index)
-            if config.augment == "basic":
-                image = basic_augment(image, tf.stack([aug_seed, position]), config.image_size)
+    ds = tfrecord.train_records(records.train_files, records.train_counts, pipeline, pipelines,
+                                config.seed * 997, start_step * local)
+    return ds.map(load_record, num_parallel_calls=AUTOTUNE)
+
+
+def _train_examples(config: Config, derived: Derived, arrays, example: Callable | None,
+                    id_table, pipeline: int, pipelines: int, start_step: int) -> tf.data.Dataset:
+    """This pipeline's unbatched (uint8 image, label) training stream from `start_step`."""
+    if config.dataset == "tfrecord":
+        return _tfrecord_train_examples(config, arrays, pipeline, pipelines, start_step)
+    # Each global step consumes global_batch_size examples (all micro-batches of the step).
+    local = config.global_batch_size // pipelines
+    aug_seed = tf.constant(config.seed * 7919, tf.int64)
+    # One global stream for every topology: each global step takes the next global batch, and this
+    # pipeline reads (only) the slice that belongs to its replicas. So 2 workers x 1 replica see
+    # exactly the batches of 1 worker x 2 replicas, or of one device.
+    first = pipeline * local
+    ds = _train_indices(derived.train_size, config.seed * 997, start_step * config.global_batch_size)
+    ds = ds.batch(config.global_batch_size, drop_remainder=True)
+    ds = ds.map(lambda pos, idx: (pos[first:first + local], idx[first:first + local])).unbatch()
+    crop = train_crop_fn(config) if crops_per_example(config) else None
+    paths = (tf.constant(arrays["train"][0]) if crop is not None else None)
+    labels = (tf.constant(arrays["train"][1], tf.int32) if crop is not None else None)
+
+    def load(position, index):
+        index = index if id_table is None else tf.gather(id_table, index)
+        if crop is not None:
+            return crop(tf.gather(paths, index), tf.stack([aug_seed, position])), tf.gather(labels, index)
+        image, label = example(index)
+        if config.augment == "basic":
+            image = basic_augment(image, tf.stack([aug_seed, position]), config.image_size)
+        return image, label
+
+    return ds.map(load, num_parallel_calls=AUTOTUNE)
+
+
+def _eval_examples(config: Config, derived: Derived, arrays, example: Callable | None, id_table,
+                   pipeline: int, pipelines: int) -> tf.data.Dataset:
+    """This pipeline's share of an evaluation split, every example once, unbatched."""
+    if config.dataset == "tfrecord":
+        records = arrays["tfrecord"]
+
+        def load_record(serialized):
+            data, label = tfrecord.parse(serialized, config.tfrecord_label_offset)
+            image = image_decode.center_crop(image_decode.decode_full(data), config.image_size,
+                                             config.eval_crop_fraction)
             return image, label
 
-        return ds.map(load, num_parallel_calls=AUTOTUNE)
+        return tfrecord.eval_records(records.eval_files, records.eval_counts, pipeline,
+                                     pipelines).map(load_record, num_parallel_calls=AUTOTUNE)
+    if id_table is None:
+        ds = tf.data.Dataset.range(pipeline, derived.eval_size, pipelines)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices(id_table).shard(pipelines, pipeline)
+    return ds.map(example, num_parallel_calls=AUTOTUNE)
 
-    def eval_examples(pipeline: int, pipelines: int) -> tf.data.Dataset:
-        """This pipeline's share of the evaluation split, every example once, unbatched."""
-        if config.dataset == "tfrecord":
-            records = arrays["tfrecord"]
 
-            def load_record(serialized):
-                data, label = tfrecord.parse(serialized, config.tfrecord_label_offset)
-                image = image_decode.center_crop(image_decode.decode_full(data), config.image_size,
-                                                 config.eval_crop_fraction)
-                return image, label
+# The words for the splits, everywhere: train, validation (held out of train, for model selection)
+# and test (never used for selection; the image folder's val/ and the TFRecords' validation-* hold
+# it). "eval" and "val" are older names of test and validation, still accepted.
+SPLITS = ("train", "validation", "test")
+_OLD_SPLIT_NAMES = {"eval": "test", "val": "validation"}
 
-            return tfrecord.eval_records(records.eval_files, records.eval_counts, pipeline,
-                                         pipelines).map(load_record, num_parallel_calls=AUTOTUNE)
-        if id_table is None:
-            ds = tf.data.Dataset.range(pipeline, derived.eval_size, pipelines)
-        else:
-            ds = tf.data.Dataset.from_tensor_slices(id_table).shard(pipelines, pipeline)
-        return ds.map(example, num_parallel_calls=AUTOTUNE)
+
+def split_name(split: str) -> str:
+    """The current name of a split ("eval" -> "test", "val" -> "validation")."""
+    split = _OLD_SPLIT_NAMES.get(split, split)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: expected one of {SPLITS}")
+    return split
+
+
+def make_dataset_fn(config: Config, derived: Derived, split: str, arrays=None,
+                    start_step: int = 0, ids: np.ndarray | None = None) -> Callable:
+    """The per-input-pipeline dataset builder for `strategy.distribute_datasets_from_function`.
+
+    `split` is "train", "test" or "validation" (held-out training examples `ids`; for "train", `ids`
+    restricts training to those examples); "eval" and "val", the older names of "test" and
+    "validation", still work. Training data starts at global step `start_step` (resume) and is
+    identical, batch for batch, to what an uninterrupted run reads there.
+    """
+    split = split_name(split)
+    mean, std = NORMALIZATION[config.dataset]
+    batch = derived.per_replica_batch_size
+    example = None if config.dataset == "tfrecord" else _example_fn(config, split, arrays)
+    ids = _split_ids(config, derived, split, arrays, ids)
+    id_table = None if ids is None else tf.constant(ids, tf.int64)
 
     def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
         pipeline, pipelines = ctx.input_pipeline_id, ctx.num_input_pipelines
         if split == "train":
-            ds = train_examples(pipeline, pipelines)
+            ds = _train_examples(config, derived, arrays, example, id_table, pipeline, pipelines,
+                                 start_step)
             ds = ds.batch(batch, drop_remainder=True)
             augmenter = make_augmenter(config, pipeline)
             if augmenter is not None and config.augment_on_device:
@@ -440,7 +476,8 @@ def make_dataset_fn(config: Config, derived: Derived, split: str, arrays=None,
                 ds = augmenter.map_dataset(ds, start_step=first)
         else:
             # Keep the partial batch: every example is evaluated exactly once.
-            ds = eval_examples(pipeline, pipelines).batch(batch)
+            ds = _eval_examples(config, derived, arrays, example, id_table, pipeline,
+                                pipelines).batch(batch)
         ds = ds.map(lambda x, y: (normalize(x, mean, std), y), num_parallel_calls=AUTOTUNE)
         return ds.prefetch(AUTOTUNE)
 
@@ -455,9 +492,9 @@ def train_dataset(strategy: tf.distribute.Strategy, config: Config, derived: Der
 
 
 def eval_dataset(strategy: tf.distribute.Strategy, config: Config, derived: Derived, arrays=None,
-                 split: str = "eval", ids: np.ndarray | None = None):
+                 split: str = "test", ids: np.ndarray | None = None):
     """A distributed evaluation dataset (every example once, no augmentation): the test split, or
-    with split="val" the held-out training examples `ids`."""
+    with split="validation" the held-out training examples `ids`."""
     return strategy.distribute_datasets_from_function(
         make_dataset_fn(config, derived, split, arrays, ids=ids), _INPUT_OPTIONS)
 

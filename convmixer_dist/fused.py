@@ -12,8 +12,9 @@ to float32 rounding.
   statistics as Keras (biased batch variance; TF's fused op returns the Bessel-corrected one, which
   is undone here). `synchronized=True` (`--sync_bn`) keeps Keras' cross-replica path, which needs
   the gradient through the global mean and variance that the fused op does not provide.
-- `ExactGelu`: exact (erf) GELU whose gradient is computed from one erf and one exp of the saved
-  input, instead of differentiating the five element-wise ops of `tf.nn.gelu`.
+- `ExactGelu`: exact (erf) GELU trained with a custom gradient computed from the saved input; the
+  forward and the backward are each one XLA-compiled element-wise loop instead of the five (forward)
+  and about ten (backward) separate passes of `tf.nn.gelu` and its gradient. Inference is `tf.nn.gelu`.
 - `FoldedDepthwiseConv2D`: the depthwise filter gradient computed as a depthwise convolution of the
   padded input, batch folded into channels, with the output gradient as the filter. On CPU this is
   faster than TensorFlow's DepthwiseConv2dNativeBackpropFilter; the input gradient and the forward
@@ -73,24 +74,40 @@ _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
+# TensorFlow runs each element-wise op of the erf formula as its own pass over memory; compiled by
+# XLA, the forward is one fused loop and so is the backward (measured 4-5x faster than tf.nn.gelu's
+# forward+backward on a 2-core AVX-512 CPU, 64x16x16x256 float32).
+@tf.function(jit_compile=True)
+def _gelu_forward(x):
+    return x * (0.5 + 0.5 * tf.math.erf(x * tf.cast(_INV_SQRT2, x.dtype)))
+
+
+@tf.function(jit_compile=True)
+def _gelu_backward(x, dy):
+    cdf = 0.5 + 0.5 * tf.math.erf(x * tf.cast(_INV_SQRT2, x.dtype))
+    pdf = tf.exp(-0.5 * tf.square(x)) * tf.cast(_INV_SQRT_2PI, x.dtype)
+    return dy * (cdf + x * pdf)
+
+
 @tf.custom_gradient
 def exact_gelu(x):
-    """x * Phi(x) with Phi the standard normal CDF (erf form); d/dx = Phi(x) + x * phi(x)."""
-    cdf = 0.5 + 0.5 * tf.math.erf(x * tf.cast(_INV_SQRT2, x.dtype))
-
-    def grad(dy):
-        pdf = tf.exp(-0.5 * tf.square(x)) * tf.cast(_INV_SQRT_2PI, x.dtype)
-        return dy * (cdf + x * pdf)
-
-    return x * cdf, grad
+    """x * Phi(x) with Phi the standard normal CDF (erf form); d/dx = Phi(x) + x * phi(x), computed
+    from the saved input in one fused pass."""
+    return _gelu_forward(x), lambda dy: _gelu_backward(x, dy)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class ExactGelu(layers.Layer):
-    """Exact GELU, the function Keras' "gelu" activation computes, with a cheaper gradient."""
+    """Exact GELU, the function Keras' "gelu" activation computes, trained with fused kernels.
 
-    def call(self, inputs):
-        return exact_gelu(inputs)
+    Inference (training=False) runs `tf.nn.gelu`, Keras' own computation, so exported models hold
+    only standard TensorFlow ops.
+    """
+
+    def call(self, inputs, training=None):
+        if training:
+            return exact_gelu(inputs)
+        return tf.nn.gelu(inputs, approximate=False)
 
     def compute_output_shape(self, input_shape):
         return input_shape

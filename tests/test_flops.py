@@ -40,3 +40,14 @@ def test_peak_table_matches_whole_model_names_only():
     assert flops.peak_tflops("Tesla V100-SXM2-16GB", "mixed_bfloat16") is None  # no bf16 units
     assert flops.peak_tflops("NVIDIA L40S", "float32") is None  # not in the table: --peak_tflops
     assert flops.peak_tflops("Intel(R) Xeon(R) CPU", "float32") is None
+
+
+def test_cpu_peak_from_cpuinfo_states_its_formula():
+    xeon = "processor\t: 0\ncpu MHz\t\t: 2100.000\nflags\t\t: fpu sse2 avx avx2 fma avx512f amx_bf16\n"
+    peak, formula = flops.cpu_peak(xeon * 2, cores=2)
+    assert peak == pytest.approx(2 * 2.1e9 * 16 * 2 * 2 / 1e12)  # 0.2688 TFLOP/s
+    assert "16 fp32 lanes" in formula and "2 FMA units" in formula and "assumed" in formula
+    assert flops.cpu_peak(xeon, cores=1, max_mhz=3000)[0] == pytest.approx(3e9 * 64 / 1e12)
+    avx2 = "cpu MHz : 1000\nflags : sse2 avx avx2 fma\n"
+    assert flops.cpu_peak(avx2, cores=4)[0] == pytest.approx(4 * 1e9 * 8 * 2 * 2 / 1e12)
+    assert flops.cpu_peak("flags : neon\n", cores=4) is None  # unknown width or clock: --peak_tflops

@@ -18,9 +18,9 @@ from helpers import ROOT
 
 CLUSTER = os.path.join(ROOT, "launch", "testing", "slurm_cluster.sh")
 # The quickstart recipe, shrunk to seconds of training (4 epochs of 8 steps); --deterministic makes
-# weights comparable. One call per epoch, so a preempted run stops at an epoch boundary: resuming a
-# multi-worker run mid-epoch was measured to end within float32 rounding of, not bit-equal to, an
-# uninterrupted run (one-process runs resume bit-exactly mid-epoch).
+# weights comparable. One call per epoch and a save every epoch, so the preempted run stops on a step
+# where the uninterrupted one saves too: every save averages the replicas' BatchNorm moving
+# statistics, so a save the uninterrupted run does not make changes the last float32 bits.
 FLAGS = ["--flagfile=configs/quickstart.flags", "--hidden_dim=32", "--depth=2",
          "--synthetic_train_size=1024", "--synthetic_eval_size=256", "--train_steps=32",
          "--steps_per_loop=8", "--checkpoint_every_steps=8", "--deterministic",
@@ -104,11 +104,14 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_weights(slurm_env, tm
     while not (model_dir / "checkpoints" / "ckpt-8.index").exists():
         assert time.time() < deadline and _job(slurm_env, job_id)["JobState"] in ("PENDING", "RUNNING")
         time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=USR1", job_id], env=slurm_env, check=True, timeout=30)
+    # What `#SBATCH --signal=B:USR1@120` does before the time limit: USR1 to the batch script only,
+    # which passes it on to the workers.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=slurm_env, check=True, timeout=30)
     job = _wait(slurm_env, job_id)
     output = _output(tmp_path, job_id)
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", output[-4000:]
     assert output.count("preempted: stopped by signal at step") == 2  # both workers, same step
+    assert "launch: USR1 (time limit near): asking the workers to save and stop" in output
     assert "exited 75 (preempted); requeueing job" in output
     assert "attempt 1 on" in output and "attempt 2 on" in output  # --open-mode=append kept both
     assert re.search(r"Resumed from .*ckpt-(16|24) at step (16|24)/32", output)
@@ -146,3 +149,11 @@ wait $!
     code = re.search(rf"error: job {job_id} failed: a worker exited with code (\d+) .*; not requeued",
                      output)
     assert code and job["ExitCode"] == f"{code.group(1)}:0" and code.group(1) not in ("0", "75")
+
+
+def test_cluster_script_is_idempotent(slurm_env, tmp_path):
+    again = subprocess.run(["bash", CLUSTER, "up"], env=slurm_env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "already up" in again.stdout
+    absent = dict(slurm_env, SLURM_CLUSTER_DIR=str(tmp_path / "none"))
+    down = subprocess.run(["bash", CLUSTER, "down"], env=absent, capture_output=True, text=True, timeout=60)
+    assert down.returncode == 0 and "not running" in down.stdout

@@ -109,7 +109,7 @@ def test_batchnorm_moving_statistics_are_averaged_across_replicas(tmp_path):
         model = train.create_model(config)
         optimizer = optimization.create_optimizer(config, derived.total_steps, "float32")
         optimizer.build(model.trainable_variables)
-    loop = train.make_train_loop(strategy, model, optimizer, config, derived, xla=False)
+    loop = train.make_train_loop(strategy, model, optimizer, config, xla=False)
     iterator = iter(data.train_dataset(strategy, config, derived))
     loop(iterator, tf.constant(3), tf.constant(0, tf.int64), tf.constant(0, tf.int64))
     weight = model.get_layer("stem_bn").moving_mean
@@ -173,7 +173,7 @@ def _weights_after_steps(config, strategy, steps=3):
         optimizer = optimization.create_optimizer(config, derived.total_steps, "float32",
                                                   variables=model.trainable_variables)
         optimizer.build(model.trainable_variables)
-    loop = train.make_train_loop(strategy, model, optimizer, config, derived, xla=False)
+    loop = train.make_train_loop(strategy, model, optimizer, config, xla=False)
     iterator = iter(data.train_dataset(strategy, config, derived))
     totals = loop(iterator, tf.constant(steps), tf.constant(0, tf.int64), tf.constant(0, tf.int64))
     return [v.numpy() for v in model.trainable_variables], [float(t) for t in totals], optimizer
@@ -212,12 +212,11 @@ def test_accumulated_run_resumes_to_the_same_weights(tmp_path):
 
 
 def test_throughput_logs_each_window_and_keeps_the_run_average():
-    meter = train.Throughput()
-    meter.add(100, 10.0)  # the first call: tracing, excluded from both averages
-    assert meter.window_rate() == 10.0 and meter.run_rate is None  # a window with nothing else
-    meter.add(100, 0.1)
-    meter.add(100, 0.1)
-    assert meter.window_rate() == pytest.approx(1000.0)
-    meter.add(100, 1.0)  # a slowdown: the window shows it at once ...
-    assert meter.window_rate() == pytest.approx(100.0)
-    assert meter.run_rate == pytest.approx(300 / 1.2)  # ... the run average (summary.json) lags
+    counters = train.Counters()
+    assert counters.window_rate(fallback=10.0) == 10.0  # only the untimed (compiling) call so far
+    counters.add_timed(100, 0.1)
+    counters.add_timed(100, 0.1)
+    assert counters.window_rate(fallback=0.0) == pytest.approx(1000.0)
+    counters.add_timed(100, 1.0)  # a slowdown: the window (TensorBoard) shows it at once ...
+    assert counters.window_rate(fallback=0.0) == pytest.approx(100.0)
+    assert counters.images_per_sec == pytest.approx(300 / 1.2)  # ... the run average lags

@@ -17,8 +17,9 @@ augmentation) and trains with the real training loop (`train.make_train_loop`) o
 
 Warm-up windows (tracing, autotuning) are excluded; each run reports the median of `--windows`
 windows of `--window_steps` steps. FLOPs per image come from the built model (`flops.model_flops`,
-training = 3x forward), so achieved TFLOP/s and MFU (with `--peak_tflops`, or the GPU table in
-flops.py) are computed, not guessed. The result is saved as JSON (`--output`).
+training = 3x forward), so achieved TFLOP/s and MFU (with `--peak_tflops`, the GPU table in
+flops.py, or on CPU in float32 the vector peak cores x clock x SIMD lanes x 2 FMA units x 2, printed
+with its assumptions) are computed, not guessed. The result is saved as JSON (`--output`).
 """
 from __future__ import annotations
 
@@ -57,8 +58,8 @@ def define_flags() -> None:
                       "decode_crop=true|false (the same data), tfrecord=DIR (the same flags reading "
                       "TFRecord shards of DIR, e.g. made from --data_dir by make_tfrecords).")
     flags.DEFINE_integer("fit_steps_per_execution", 1, "model.fit's steps_per_execution (Keras default 1).")
-    flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU; 0 = from the GPU table (none "
-                       "on CPU).")
+    flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU; 0 = from the GPU table, or on "
+                       "CPU (float32) cores x clock x SIMD width x 2 FMA units x 2 (see flops.cpu_peak).")
     flags.DEFINE_string("output", "runs/benchmark.json", "Where to write the JSON result.")
     flags.adopt_module_key_flags(cli)
 
@@ -131,6 +132,25 @@ def _device_name(kind: str) -> str:
     return platform.processor() or "CPU"
 
 
+def device_peak(kind: str, device: str, policy: str, peak_flag: float) -> tuple[float | None, str]:
+    """Peak TFLOP/s for MFU and where it comes from: --peak_tflops, the GPU table, or on CPU (float32
+    only; half-precision CPU peaks depend on units like AMX that a formula would guess) the vector
+    FMA formula of `flops.cpu_peak`."""
+    from convmixer_dist.perf import flops
+
+    if peak_flag:
+        return peak_flag, "--peak_tflops"
+    if kind == "gpu":
+        peak = flops.peak_tflops(device, policy)
+        return peak, "GPU datasheet table (flops.PEAK_TFLOPS)" if peak else "unknown GPU: pass --peak_tflops"
+    if policy != "float32":
+        return None, f"no CPU formula for {policy}: pass --peak_tflops"
+    computed = flops.read_cpu_peak(len(os.sched_getaffinity(0)))
+    if computed is None:
+        return None, "CPU clock or vector width unreadable: pass --peak_tflops"
+    return computed
+
+
 def _cached_dataset_fn(config, derived, arrays) -> Callable:
     """The real pipeline's first batch per input pipeline, cached and repeated (input excluded)."""
     from convmixer_dist import data
@@ -157,14 +177,13 @@ def _build(strategy, config, derived, policy: str):
     return model, optimizer
 
 
-def _custom_runner(strategy, model, optimizer, config, derived, xla: bool, dataset,
-                   window_steps: int) -> Callable:
+def _custom_runner(strategy, model, optimizer, config, xla: bool, dataset, window_steps: int) -> Callable:
     """A window of training steps through the project's own loop (forced to finish)."""
     import tensorflow as tf
 
     from convmixer_dist import train
 
-    train_loop = train.make_train_loop(strategy, model, optimizer, config, derived, xla)
+    train_loop = train.make_train_loop(strategy, model, optimizer, config, xla)
     iterator = iter(dataset)
     state = {"step": 0}
     calls = window_steps // config.steps_per_loop
@@ -342,7 +361,8 @@ def _record(result: dict, name: str, run_window: Callable, config, opts) -> None
     run = throughput_fields(median_rate(seconds, opts.window_steps * config.global_batch_size),
                             config.global_batch_size, result["flops_per_image_train"], result["peak_tflops"])
     result["runs"][name] = run
-    mfu = f", MFU {run['mfu']:.1%}" if run["mfu"] is not None else ""
+    peak = result["peak_tflops"]
+    mfu = f", MFU {run['mfu']:.1%} of {peak:.3f}" if run["mfu"] is not None else ", MFU n/a"
     print(f"{name}: {run['images_per_sec']:,.1f} img/s (median of {opts.windows}), step "
           f"{run['step_time_ms']:.1f} ms, {run['achieved_tflops']:.3f} TFLOP/s{mfu}", flush=True)
 
@@ -361,7 +381,7 @@ def _training_runs(result: dict, strategy, setup: dict, variants, opts) -> None:
         dataset = (strategy.distribute_datasets_from_function(_cached_dataset_fn(config, derived, arrays))
                    if pipeline == "excluded" else data.train_dataset(strategy, config, derived, arrays))
         _record(result, f"custom_input_{pipeline}", _custom_runner(
-            strategy, setup["model"], setup["optimizer"], config, derived, xla, dataset, opts.window_steps),
+            strategy, setup["model"], setup["optimizer"], config, xla, dataset, opts.window_steps),
             config, opts)
     if opts.compare_fit:
         _record(result, "fit_input_excluded", _fit_runner(
@@ -372,7 +392,7 @@ def _training_runs(result: dict, strategy, setup: dict, variants, opts) -> None:
         v_model, v_optimizer = _build(strategy, variant, derived, v_policy)
         dataset = strategy.distribute_datasets_from_function(_cached_dataset_fn(variant, derived, arrays))
         _record(result, f"custom_input_excluded[{label}]", _custom_runner(
-            strategy, v_model, v_optimizer, variant, derived, v_xla, dataset, opts.window_steps),
+            strategy, v_model, v_optimizer, variant, v_xla, dataset, opts.window_steps),
             config, opts)
         result["runs"][f"custom_input_excluded[{label}]"].update(
             precision=v_policy, xla=v_xla, kernels=resolve_kernels(variant.kernels, kind).name)
@@ -427,9 +447,11 @@ def _run_benchmark(config, variants: list[tuple[str, object]], opts) -> dict:
     derived = derive(config, strategy.num_replicas_in_sync, *data.trained_sizes(config, arrays))
     data.augment_spec(config).validate()
 
-    peak = opts.peak_tflops or (flops.peak_tflops(_device_name(kind), policy) if kind == "gpu" else None)
+    peak, peak_source = device_peak(kind, _device_name(kind), policy, opts.peak_tflops)
+    print(f"peak for MFU: {peak_source}", flush=True)
     model, optimizer = _build(strategy, config, derived, policy)
     result = _result_header(config, derived, model, kind, policy, xla, peak, opts)
+    result["peak_source"] = peak_source
     if opts.measure in ("train", "all"):
         setup = dict(config=config, derived=derived, arrays=arrays, kind=kind, policy=policy, xla=xla,
                      model=model, optimizer=optimizer)

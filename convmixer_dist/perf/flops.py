@@ -87,6 +87,58 @@ def graph_flops(model, image_size: int, channels: int = 3) -> dict[str, int]:
     return dict(totals)
 
 
+# CPU peak, float32: cores x clock x SIMD lanes x FMA units per core x 2 FLOPs per FMA. Two FMA units
+# per core is an assumption (server Xeons since Skylake-SP have two AVX-512 FMA ports; some parts and
+# many laptop chips have one), and so is the clock: the highest frequency the kernel reports, which
+# under a hypervisor is often the nominal one, not turbo.
+CPU_FMA_UNITS = 2
+_SIMD_FP32_LANES = (("avx512f", 16), ("avx2", 8), ("avx", 8), ("sse2", 4))
+
+
+def cpu_peak(cpuinfo: str, cores: int, max_mhz: float | None = None) -> tuple[float, str] | None:
+    """Float32 vector peak TFLOP/s of `cores` cores described by /proc/cpuinfo text, and the formula.
+
+    `max_mhz` (e.g. from cpufreq's cpuinfo_max_freq) wins over cpuinfo's "cpu MHz" lines. None when
+    the clock or the vector width cannot be read (other architectures): pass --peak_tflops there.
+    """
+    flags, mhz = set(), []
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("flags", "Features"):
+            flags.update(value.split())
+        elif key == "cpu MHz":
+            try:
+                mhz.append(float(value))
+            except ValueError:
+                pass
+    clock = max_mhz or (max(mhz) if mhz else None)
+    lanes = next((n for flag, n in _SIMD_FP32_LANES if flag in flags), None)
+    fma = CPU_FMA_UNITS if "fma" in flags or "avx512f" in flags else 1
+    if not clock or not lanes or cores < 1:
+        return None
+    flops_per_cycle = lanes * fma * 2
+    tflops = cores * clock * 1e6 * flops_per_cycle / 1e12
+    return tflops, (f"{cores} cores x {clock / 1000:.2f} GHz x {lanes} fp32 lanes x {fma} FMA units x 2 "
+                    f"FLOPs = {tflops:.3f} TFLOP/s (assumed: {fma} FMA units per core, this clock)")
+
+
+def read_cpu_peak(cores: int) -> tuple[float, str] | None:
+    """`cpu_peak` of this machine (/proc/cpuinfo and cpufreq); None where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpuinfo = f.read()
+    except OSError:
+        return None
+    max_mhz = None
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") as f:
+            max_mhz = int(f.read()) / 1000
+    except (OSError, ValueError):
+        pass
+    return cpu_peak(cpuinfo, cores, max_mhz)
+
+
 def peak_tflops(device_name: str, policy: str) -> float | None:
     """Datasheet peak TFLOP/s of a GPU named like "NVIDIA A100-SXM4-80GB" for a precision policy."""
     for key, peaks in PEAK_TFLOPS.items():
