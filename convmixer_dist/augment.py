@@ -26,10 +26,10 @@ Where Keras 3 layers serve, and where they do not (Keras 3.15):
         N(0, 1) * 255 clipped (half the pixels black); torchvision erases with 0 *after*
         normalization, i.e. the dataset mean, which we pass as the fill (`erase_mode="const"`).
         timm's ImageNet recipe (`--remode pixel`) fills with per-pixel N(0, 1) *after*
-        normalization, i.e. mean + std * N(0, 1) here (`erase_mode="pixel"`): we keep Keras' region
-        and replace its fill. Keras draws the region's height and width fractions independently
-        (sqrt of U(0.02, 0.33) each); timm draws the area U(0.02, 1/3) and a log-uniform aspect
-        ratio in (0.3, 3.3), so region shapes differ somewhat.
+        normalization, i.e. mean + std * N(0, 1) here (`erase_mode="pixel"`), and draws its region
+        differently (area U(0.02, 1/3), log-uniform aspect ratio in (0.3, 1/0.3), 10 attempts);
+        pixel mode is timm's RandomErasing as a whole (its region rule and its fill), const keeps
+        Keras' region (height and width fractions drawn independently) with the mean colour.
       * CutMix's `factor` is the range of its Beta alpha; `factor=(a, a)` gives alpha = a, which the
         layer bounds to (0, 1].
       * Keras MixUp/CutMix draw one mixing weight per image (timm's "elem" mode) rather than one per
@@ -433,14 +433,39 @@ class BatchAugmenter:
         return images, targets
 
     def _erase(self, images, stream):
-        """Keras RandomErasing's regions; filled with the mean colour (const) or, as timm's
-        `--remode pixel`, per-pixel N(0, 1) noise in normalized space, i.e. mean + std * N(0, 1) here."""
-        transformation = self._erasing.get_random_transformation(images, training=True, seed=stream)
-        if self.spec.erase_mode == "pixel":
-            noise = tf.random.stateless_normal(tf.shape(images), stream.next())
-            transformation = dict(transformation, fill_value=tf.constant(self.fill_mean) +
-                                  tf.constant(self.fill_std) * noise)
-        return self._erasing.transform_images(images, transformation, training=True)
+        """const: Keras RandomErasing with the mean colour (torchvision's recipe). pixel: timm's
+        RandomErasing (`--remode pixel`, one region): with probability p, up to 10 attempts of area
+        U(0.02, 1/3) x image and aspect ratio log-uniform in (0.3, 1/0.3), the first that fits
+        strictly inside, filled with per-pixel N(0, 1) in normalized space = mean + std * N(0, 1)."""
+        if self.spec.erase_mode != "pixel":
+            transformation = self._erasing.get_random_transformation(images, training=True, seed=stream)
+            return self._erasing.transform_images(images, transformation, training=True)
+        mask = self._timm_erase_mask(images, stream)
+        noise = tf.random.stateless_normal(tf.shape(images), stream.next())
+        fill = tf.constant(self.fill_mean) + tf.constant(self.fill_std) * noise
+        return tf.where(mask, fill, images)
+
+    def _timm_erase_mask(self, images, stream):
+        """[N, H, W, 1] boolean: each image's erased region (none when not erased or nothing fits)."""
+        n, height, width = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
+        h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+        attempts = [n, image_decode.CROP_ATTEMPTS]
+        area = _uniform(stream, attempts, 0.02, 1 / 3) * h * w
+        aspect = tf.exp(_uniform(stream, attempts, math.log(0.3), math.log(1 / 0.3)))
+        region_h, region_w = tf.round(tf.sqrt(area * aspect)), tf.round(tf.sqrt(area / aspect))
+        fits = tf.logical_and(region_h < h, region_w < w)
+        first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
+        region_h = tf.gather(region_h, first, batch_dims=1)
+        region_w = tf.gather(region_w, first, batch_dims=1)
+        top = tf.floor(_uniform(stream, [n]) * (h - region_h + 1))
+        left = tf.floor(_uniform(stream, [n]) * (w - region_w + 1))
+        erase = tf.logical_and(_uniform(stream, [n]) < self.spec.erase_prob, tf.reduce_any(fits, axis=1))
+        rows = tf.cast(tf.range(height), tf.float32)[None, :]
+        cols = tf.cast(tf.range(width), tf.float32)[None, :]
+        in_rows = tf.logical_and(rows >= top[:, None], rows < (top + region_h)[:, None])  # [N, H]
+        in_cols = tf.logical_and(cols >= left[:, None], cols < (left + region_w)[:, None])  # [N, W]
+        mask = tf.logical_and(in_rows[:, :, None], in_cols[:, None, :])
+        return tf.logical_and(mask, erase[:, None, None])[..., None]
 
     def _mix(self, images, targets, stream):
         if self._mixup is not None and self._cutmix is not None:

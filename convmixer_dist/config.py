@@ -179,9 +179,9 @@ class Config:
     sync_bn: bool = setting(False, "BatchNorm statistics over the global batch across replicas "
                             "(default: per replica, as PyTorch DataParallel/DDP without SyncBatchNorm).")
     kernels: str = setting("auto", "BatchNorm, GELU and depthwise-conv implementations: auto = the "
-                           "fastest known per device (CPU: fused BatchNorm, one-erf GELU gradient, folded "
-                           "depthwise filter gradient; GPU: fused BatchNorm only), fused = all that apply on "
-                           "the device, keras = the plain Keras layers. Same variables and results.",
+                           "fastest measured per device (CPU: fused BatchNorm + XLA-fused GELU; GPU: fused "
+                           "BatchNorm), fused = also the folded depthwise filter gradient on CPU (and the "
+                           "GELU on GPU), keras = the plain Keras layers. Same variables and results.",
                            choices=KERNELS)
     # Data.
     dataset: str = setting("synthetic", "Training data.", choices=DATASETS)
@@ -215,8 +215,8 @@ class Config:
     erase_prob: float = setting(0.0, "Random erasing probability per image (reference --reprob).",
                                 bounds=(0, 1, "[]"))
     erase_mode: str = setting("const", "Random erasing fill: const = the dataset mean colour "
-                              "(torchvision), pixel = per-pixel normal noise in normalized space (timm "
-                              "--remode pixel).", choices=ERASE_MODES)
+                              "(torchvision), pixel = timm's RandomErasing --remode pixel (its region rule, "
+                              "per-pixel normal noise in normalized space).", choices=ERASE_MODES)
     mixup_alpha: float = setting(0.0, "MixUp Beta(alpha, alpha); 0 = off. Soft-label loss.",
                                  bounds=(0, 100, "[]"))
     cutmix_alpha: float = setting(0.0, "CutMix Beta(alpha, alpha) in (0, 1]; 0 = off. With MixUp, one "

@@ -16,9 +16,10 @@ to float32 rounding.
   forward and the backward are each one XLA-compiled element-wise loop instead of the five (forward)
   and about ten (backward) separate passes of `tf.nn.gelu` and its gradient. Inference is `tf.nn.gelu`.
 - `FoldedDepthwiseConv2D`: the depthwise filter gradient computed as a depthwise convolution of the
-  padded input, batch folded into channels, with the output gradient as the filter. On CPU this is
-  faster than TensorFlow's DepthwiseConv2dNativeBackpropFilter; the input gradient and the forward
-  pass stay native. Inference (training=False) runs the plain Keras computation.
+  padded input, batch folded into channels, with the output gradient as the filter. As a lone op on
+  CPU this beats TensorFlow's DepthwiseConv2dNativeBackpropFilter; in a whole training step it did
+  not measure faster here, so only `--kernels=fused` uses it. The input gradient and the forward pass
+  stay native; inference (training=False) runs the plain Keras computation.
 
 `resolve_kernels` picks the layers per device; `--kernels=keras` forces the plain Keras layers.
 """
@@ -53,10 +54,12 @@ class KernelChoice:
 def resolve_kernels(kernels: str, device_kind: str) -> KernelChoice:
     """`--kernels` on a device kind ("cpu" or "gpu") -> the layers to build.
 
-    CPU: every replacement (measured faster, see README "Benchmarks"). GPU, not measured here: the
-    fused BatchNorm (the cuDNN kernel Keras 2 used), the Keras GELU (XLA fuses element-wise ops on
-    GPUs, on by default) and TensorFlow's native depthwise gradient (the folded one is a CPU trick).
-    `fused` on a GPU forces the GELU as well, never the folded depthwise gradient.
+    auto on CPU: the fused BatchNorm and the XLA GELU, each measured faster. The folded depthwise
+    filter gradient is faster as a lone op but its pads and transposes ate the gain in a whole
+    ConvMixer-256/8 step on the 2-core development machine, so it is opt-in (`fused`). auto on GPU,
+    not measured here: the fused BatchNorm (the cuDNN kernel Keras 2 used), the Keras GELU (XLA, on
+    by default on GPUs, fuses it) and TensorFlow's native depthwise gradient. `fused` on a GPU forces
+    the GELU as well, never the folded depthwise gradient (a CPU trick).
     """
     if kernels == "keras":
         return KernelChoice()
@@ -64,7 +67,7 @@ def resolve_kernels(kernels: str, device_kind: str) -> KernelChoice:
     if kernels == "fused":
         return KernelChoice(fused_bn=True, exact_gelu=True, folded_depthwise=on_cpu)
     if kernels == "auto":
-        return KernelChoice(fused_bn=True, exact_gelu=on_cpu, folded_depthwise=on_cpu)
+        return KernelChoice(fused_bn=True, exact_gelu=on_cpu)
     raise ValueError(f"unknown kernels {kernels!r}")
 
 
@@ -75,8 +78,9 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 # TensorFlow runs each element-wise op of the erf formula as its own pass over memory; compiled by
-# XLA, the forward is one fused loop and so is the backward (measured 4-5x faster than tf.nn.gelu's
-# forward+backward on a 2-core AVX-512 CPU, 64x16x16x256 float32).
+# XLA, the forward is one fused loop and so is the backward (forward+backward measured about 4x
+# faster than tf.nn.gelu's on a 2-core AVX-512 CPU, 64x16x16x256 float32). XLA-compiled calls are
+# not listed in the profiler's TF op table, so profile_report shows no activation time for them.
 @tf.function(jit_compile=True)
 def _gelu_forward(x):
     return x * (0.5 + 0.5 * tf.math.erf(x * tf.cast(_INV_SQRT2, x.dtype)))
@@ -170,8 +174,12 @@ def _folded_filter_gradient(x, dy, kernel_size: tuple[int, int], padding: str):
     return tf.reshape(tf.reduce_sum(tf.reshape(per_image, [kh, kw, n, c]), axis=2), [kh, kw, c, 1])
 
 
-def folded_depthwise_conv2d(x, kernel, padding: str):
-    """Stride-1 depthwise convolution whose filter gradient is `_folded_filter_gradient`."""
+def folded_depthwise_conv2d(x, kernel, padding: str, scope: str = "folded_depthwise"):
+    """Stride-1 depthwise convolution whose filter gradient is `_folded_filter_gradient`.
+
+    The gradient ops are created under the name scope `scope` (the layer's name), so profiles
+    attribute them to the layer as they do TensorFlow's own gradients.
+    """
     tf_padding = padding.upper()
 
     @tf.custom_gradient
@@ -179,9 +187,11 @@ def folded_depthwise_conv2d(x, kernel, padding: str):
         y = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], tf_padding)
 
         def grad(dy):
-            dx = tf.nn.depthwise_conv2d_backprop_input(tf.shape(x), kernel, dy, [1, 1, 1, 1], tf_padding)
-            dk = _folded_filter_gradient(x, dy, tuple(kernel.shape[:2]), padding)
-            return dx, tf.cast(dk, kernel.dtype)
+            with tf.name_scope(scope):
+                dx = tf.nn.depthwise_conv2d_backprop_input(tf.shape(x), kernel, dy, [1, 1, 1, 1],
+                                                           tf_padding)
+                dk = _folded_filter_gradient(x, dy, tuple(kernel.shape[:2]), padding)
+                return dx, tf.cast(dk, kernel.dtype)
 
         return y, grad
 
@@ -204,7 +214,7 @@ class FoldedDepthwiseConv2D(layers.DepthwiseConv2D):
         if not (training and self._folded_applies()):
             return super().call(inputs)
         kernel = tf.cast(tf.convert_to_tensor(self.kernel), inputs.dtype)
-        y = folded_depthwise_conv2d(inputs, kernel, self.padding)
+        y = folded_depthwise_conv2d(inputs, kernel, self.padding, self.name)
         if self.use_bias:
             y = tf.nn.bias_add(y, tf.cast(self.bias, y.dtype))
         if self.activation is not None:

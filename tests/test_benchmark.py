@@ -53,7 +53,7 @@ def test_variants_rerun_the_custom_loop_with_one_setting_changed(tmp_path):
     assert result["runs"]["custom_input_excluded"]["images_per_sec"] > 0
     ratios = result["variant_over_base"]
     assert set(ratios) == {"precision=mixed_bfloat16", "steps_per_loop=4", "kernels=keras"}
-    assert result["setup"]["kernels"] == "fused_bn+exact_gelu+folded_depthwise"  # auto on CPU
+    assert result["setup"]["kernels"] == "fused_bn+exact_gelu"  # auto on CPU
     assert result["runs"]["custom_input_excluded[kernels=keras]"]["kernels"] == "keras"
     # No --peak_tflops: float32 on CPU gets the computed vector peak, so every line has an MFU.
     assert "fp32 lanes" in result["peak_source"] and result["peak_tflops"] > 0
@@ -102,7 +102,7 @@ def test_input_compare_times_image_folder_and_tfrecord_pipelines_in_one_run(tmp_
     for rate in compared.values():
         assert len(rate["window_images_per_sec"]) == 2
         assert rate["over_base"] == pytest.approx(rate["images_per_sec"] / base["images_per_sec"])
-    assert "x base)" in proc.stdout
+    assert "x base; per CPU-second" in proc.stdout and result["input_pipeline"]["images_per_cpu_second"] > 0
 
 
 def test_augment_benchmark_times_both_placements(tmp_path):
@@ -134,3 +134,17 @@ def test_an_unwritable_output_is_refused_before_any_timing(tmp_path, module):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: --output={existing}: {existing} is a directory; expected a file name"]
     assert list(existing.iterdir()) == [] and "window" not in proc.stdout
+
+
+def test_imagenet_like_jpegs_have_the_documented_shape(tmp_path):
+    from convmixer_dist.perf import imagenet_like
+
+    sizes = imagenet_like.generate(str(tmp_path), train_images=6, seed=1)
+    files = sorted((tmp_path / "train").rglob("*.JPEG"))
+    assert len(files) == 6 and len(sizes) == 6 + imagenet_like.VAL_IMAGES
+    import tensorflow as tf
+
+    for path in files:
+        height, width, _ = tf.image.extract_jpeg_shape(tf.io.read_file(str(path))).numpy()
+        assert 250 < min(height, width) and max(height, width) < 700
+    assert 30_000 < sum(sizes) / len(sizes) < 150_000

@@ -18,10 +18,12 @@ FLAG_LINE = re.compile(r"^--(\w+)=(.*)$")
 PENDING_LINE = re.compile(r"^#--(\w+)=(.*)$")
 
 # The recipe numbers each new config promises (see their header comments).
-IMAGENET = dict(dataset="image_folder", image_size=224, num_classes=1000, global_batch_size=640,
-                learning_rate=0.01, clip_norm=1.0, label_smoothing=0.1, weight_decay=2e-5, warmup_steps=0,
-                lr_schedule="onecycle", augment="rrc", crop_scale=0.08, randaug_n=2, randaug_m=27,
-                jitter=0.0, erase_prob=0.25, mixup_alpha=0.5, cutmix_alpha=0.5)
+IMAGENET = dict(dataset="tfrecord", image_size=224, num_classes=1000, global_batch_size=640,
+                grad_accum_steps=1, learning_rate=0.01, adam_epsilon=1e-3, clip_norm=1.0,
+                label_smoothing=0.1, weight_decay=2e-5, wd_exclude_bias_bn=True, warmup_steps=0,
+                lr_schedule="onecycle", augment="rrc", crop_scale=0.08, crop_ratio="0.75,1.3333333333",
+                randaug_n=2, randaug_m=27, randaug_mstd=1.5, jitter=0.0, erase_prob=0.25,
+                erase_mode="pixel", mixup_alpha=0.5, cutmix_alpha=0.5, eval_crop_fraction=0.96)
 RECIPES = {
     "cifar10_convmixer256_8_long.flags": dict(
         hidden_dim=256, depth=8, kernel_size=5, patch_size=2, dataset="cifar10", num_classes=10,
@@ -51,7 +53,8 @@ def _parse(path: str, data_dir: str):
     """The Config `python -m convmixer_dist.main --flagfile=path` would build (FLAGS restored after);
     configs reading an image folder get `--data_dir=data_dir`, as their command line says."""
     args = ["main", f"--flagfile={path}"]
-    if "--dataset=image_folder" in open(path).read().split("\n"):
+    lines = open(path).read().split("\n")
+    if "--dataset=image_folder" in lines or "--dataset=tfrecord" in lines:
         args.append(f"--data_dir={data_dir}")
     was_parsed = cli.FLAGS.is_parsed()
     cwd = os.getcwd()
@@ -128,3 +131,16 @@ def test_pending_recipe_flags_are_not_yet_accepted_by_core(path):
         if match:
             assert not _accepted(*match.groups()), (
                 f"core now accepts {line[1:]!r}: uncomment it in {os.path.basename(path)}")
+
+
+@pytest.mark.parametrize("gpus,accum,per_gpu", [(10, 1, 64), (8, 1, 80), (8, 2, 40), (2, 5, 64), (1, 10, 64)])
+def test_published_global_batch_on_fewer_gpus_with_accumulation(imagenet_like_dir, gpus, accum, per_gpu):
+    # The configs' header: the same 640-image optimizer step (and so the same schedule in steps).
+    import dataclasses
+
+    from convmixer_dist.config import derive
+
+    config = _parse(os.path.join(ROOT, "configs", "imagenet_convmixer1536_20.flags"), imagenet_like_dir)
+    derived = derive(dataclasses.replace(config, grad_accum_steps=accum), gpus, 1281167, 50000)
+    assert derived.per_replica_batch_size == per_gpu
+    assert derived.steps_per_epoch == 1281167 // 640 and derived.total_steps == 2001 * 150

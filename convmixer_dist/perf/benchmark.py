@@ -54,7 +54,8 @@ def define_flags() -> None:
                       "e.g. precision=mixed_bfloat16,precision=mixed_float16,xla=on. Settings: "
                       + ", ".join(VARIANT_SETTINGS) + ".")
     flags.DEFINE_list("input_compare", [], "With --measure=input: more input pipelines timed in the same "
-                      "run, windows alternating with the base pipeline's, reported as a ratio to it. Items: "
+                      "run (one at a time, two passes in alternating order), reported as a ratio to the "
+                      "base pipeline. Items: "
                       "decode_crop=true|false (the same data), tfrecord=DIR (the same flags reading "
                       "TFRecord shards of DIR, e.g. made from --data_dir by make_tfrecords).")
     flags.DEFINE_integer("fit_steps_per_execution", 1, "model.fit's steps_per_execution (Keras default 1).")
@@ -244,31 +245,46 @@ def parse_input_compare(items: list[str], config) -> list[tuple[str, object]]:
 
 def _input_rates(strategy, pipelines: list[tuple[str, object, object, object]], opts) -> dict:
     """Images/s of training input pipelines alone ((label, config, derived, arrays) each), and per
-    CPU core this process may use. Their windows alternate, so a change in machine load hits all."""
+    CPU core this process may use.
+
+    Only one pipeline is alive at a time: a live tf.data iterator keeps decoding into its prefetch
+    buffers in the background, which would both slow the timed pipeline and inflate its own next
+    window. Each pipeline is measured twice (pipelines in order, then in reverse), each time from a
+    fresh iterator after `--warmup_windows`, so a change in machine load hits all of them alike."""
+    import gc
     import time
 
     from convmixer_dist import data
 
     batches = opts.window_steps
-    runners = []
-    for label, config, derived, arrays in pipelines:
-        iterator = iter(data.train_dataset(strategy, config, derived, arrays))
-        runners.append((label, config, lambda it=iterator: [next(it) for _ in range(batches)]))
-    for _ in range(opts.warmup_windows):
-        for _, _, run_window in runners:
-            run_window()
-    seconds = {label: [] for label, _, _ in runners}
-    for i in range(opts.windows):
-        for label, _, run_window in runners:
-            start = time.perf_counter()
-            run_window()
-            seconds[label].append(time.perf_counter() - start)
-            print(f"  input {label}: window {i + 1}/{opts.windows} {seconds[label][-1]:.3f} s", flush=True)
+    seconds: dict[str, list[float]] = {label: [] for label, *_ in pipelines}
+    cpu_seconds: dict[str, list[float]] = {label: [] for label, *_ in pipelines}
+    passes = [pipelines, pipelines[::-1]] if len(pipelines) > 1 else [pipelines]
+    for number, order in enumerate(passes):
+        windows = len(range(number, opts.windows, len(passes)))  # split the windows over the passes
+        for label, config, derived, arrays in order:
+            iterator = iter(data.train_dataset(strategy, config, derived, arrays))
+            for _ in range(opts.warmup_windows):
+                for _ in range(batches):
+                    next(iterator)
+            for _ in range(windows):
+                start, cpu_start = time.perf_counter(), time.process_time()
+                for _ in range(batches):
+                    next(iterator)
+                seconds[label].append(time.perf_counter() - start)
+                cpu_seconds[label].append(time.process_time() - cpu_start)
+                print(f"  input {label}: window {len(seconds[label])}/{opts.windows} "
+                      f"{seconds[label][-1]:.3f} s", flush=True)
+            del iterator
+            gc.collect()  # stop its background threads before the next pipeline is timed
     cores = len(os.sched_getaffinity(0))
     rates = {}
-    for label, config, _ in runners:
+    for label, config, _, _ in pipelines:
         rate = median_rate(seconds[label], batches * config.global_batch_size)
+        cpu_rate = median_rate(cpu_seconds[label], batches * config.global_batch_size)["images_per_sec"]
+        # Images per CPU-second of this process: per core, and unaffected by other processes' load.
         rates[label] = {**rate, "cpu_cores": cores, "images_per_sec_per_core": rate["images_per_sec"] / cores,
+                        "images_per_cpu_second": cpu_rate, "window_cpu_seconds": cpu_seconds[label],
                         "dataset": config.dataset, "decode_crop": config.decode_crop,
                         "augment": config.augment, "augment_on_device": config.augment_on_device}
     return rates
@@ -289,11 +305,15 @@ def _input_runs(result: dict, strategy, config, derived, arrays, opts) -> None:
     if rates:
         result["input_compare"] = rates
     base = result["input_pipeline"]["images_per_sec"]
+    base_cpu = result["input_pipeline"]["images_per_cpu_second"]
     for label, rate in [("input pipeline", result["input_pipeline"]), *rates.items()]:
         rate["over_base"] = rate["images_per_sec"] / base
-        ratio = "" if label == "input pipeline" else f" ({rate['over_base']:.2f}x base)"
+        rate["cpu_over_base"] = rate["images_per_cpu_second"] / base_cpu
+        ratio = ("" if label == "input pipeline" else
+                 f" ({rate['over_base']:.2f}x base; per CPU-second {rate['cpu_over_base']:.2f}x)")
         print(f"{label}: {rate['images_per_sec']:,.0f} img/s on {rate['cpu_cores']} core(s) = "
-              f"{rate['images_per_sec_per_core']:,.0f} img/s/core{ratio}", flush=True)
+              f"{rate['images_per_sec_per_core']:,.0f} img/s/core, {rate['images_per_cpu_second']:,.0f} "
+              f"img per CPU-second{ratio}", flush=True)
 
 
 def validate_benchmark_flags(config, opts) -> list[tuple[str, object]]:
