@@ -58,6 +58,15 @@ def _decode_batch(blob: dict, label_key: bytes, source: str) -> tuple[np.ndarray
     return images, labels
 
 
+def _check_labels(labels: np.ndarray, dataset: str, source: str) -> None:
+    """Labels outside 0..classes-1 (e.g. CIFAR-100 files under --dataset=cifar10) would train at
+    accuracy 0 and crash at evaluation; refuse them before anything is written."""
+    classes = 10 if dataset == "cifar10" else 100
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise UsageError(f"{source}: labels {int(labels.min())}..{int(labels.max())} are outside "
+                         f"0..{classes - 1} of --dataset={dataset}; is it the right dataset?")
+
+
 def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
     """`_codecs.encode` as Python 3 pickles bytes at protocol <= 2 (always latin1); no other codec."""
     if encoding.replace("-", "").lower() != "latin1":
@@ -126,6 +135,7 @@ def _read_folder(folder: str, dataset: str) -> dict[str, tuple[np.ndarray, np.nd
         for path in files:
             with open(path, "rb") as f:
                 parts.append(_decode_batch(_unpickle(f, path), label_key, path))
+            _check_labels(parts[-1][1], dataset, path)
         splits[split] = _concat(parts)
     return splits
 
@@ -148,6 +158,7 @@ def _read_archive(path: str, dataset: str) -> dict[str, tuple[np.ndarray, np.nda
                     continue
                 source = f"{path}:{member.name}"
                 target.append(_decode_batch(_unpickle(tar.extractfile(member), source), label_key, source))
+                _check_labels(target[-1][1], dataset, source)
     except (tarfile.TarError, OSError, EOFError) as err:
         raise UsageError(f"--data_dir: {path} is not a readable .tar.gz ({err})") from None
     if not train_parts or not test_parts:

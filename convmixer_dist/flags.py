@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 from absl import app, flags, logging
 
 from convmixer_dist import config as cfg
-from convmixer_dist.errors import UsageError, report_and_exit
+from convmixer_dist.errors import UsageError, check_flagfiles, report_and_exit
 from convmixer_dist.presets import PRESETS
 from convmixer_dist.profiling import parse_profile_steps
 
@@ -157,12 +157,16 @@ def overrides_from_flags(flag_values: flags.FlagValues = FLAGS) -> dict[str, str
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing whose errors (unknown flag or value, missing flagfile) are one line with exit
-    code 2 instead of absl's two lines and code 1."""
+    """absl flag parsing whose errors (unknown flag or value, missing or circular flagfile, a
+    flagfile line that is not a flag) are one line with exit code 2 instead of absl's two lines and
+    code 1 (or a warning and silently different flags)."""
     try:
+        check_flagfiles(argv[1:])
         return FLAGS(argv)
     except flags.Error as err:
         report_and_exit(UsageError(str(err)))
+    except UsageError as err:
+        report_and_exit(err)
 
 
 def run_command(main: Callable[[list[str], types.SimpleNamespace], None],

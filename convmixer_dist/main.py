@@ -16,10 +16,12 @@ import types
 from absl import flags
 
 from convmixer_dist import flags as cli
-from convmixer_dist import rundir
+from convmixer_dist import preemption, rundir
+from convmixer_dist.errors import UsageError
 
 EXIT_DIVERGED = 3  # Non-finite loss/weights; the last good checkpoint is kept.
-EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1: checkpoint saved, rerun to resume (EX_TEMPFAIL).
+EXIT_PREEMPTED = preemption.EXIT_PREEMPTED  # SIGTERM/SIGUSR1: checkpoint saved, rerun to resume.
+EXIT_INTERRUPTED = preemption.EXIT_INTERRUPTED  # Ctrl-C: checkpoint saved, rerun to resume.
 
 
 def define_flags() -> None:
@@ -29,28 +31,36 @@ def define_flags() -> None:
 
 def main(args: list[str], opts: types.SimpleNamespace) -> dict:
     """Parse flags into a Config, create the strategy, train and evaluate; returns the summary."""
-    del args, opts  # Positional arguments are ignored, as absl's app.run always did here.
+    del opts
+    if args:  # e.g. `learning_rate=0.5` without `--` would otherwise be ignored
+        raise UsageError(f"unexpected argument {args[0]!r}: flags are written --name=value")
     config = cli.config_from_flags()
+    # Before TensorFlow's import (its threads inherit the mask): stop signals stay pending until the
+    # stop-signal thread takes them (preemption.py); multi-worker start-up polls them (startup.py).
+    preemption.block_signals()
     # TensorFlow loads only after the flags are valid; strategy first, because
     # MultiWorkerMirroredStrategy must exist before any other TensorFlow op.
-    if config.strategy == "multi_worker":  # Before TensorFlow's import; see startup.py.
-        from convmixer_dist import startup
-        startup.block_stop_signals()
     from convmixer_dist.runtime import quiet_tensorflow_import
     quiet_tensorflow_import()
     from convmixer_dist import strategy as strategy_lib
     from convmixer_dist import train
 
     strategy = strategy_lib.create_strategy(config)
+    preemption.install_signal_thread()  # From here on a stop signal stops at the next step.
     chief = strategy_lib.is_chief(strategy)
+    if chief and config.profiler_port:  # The server is the chief's; a taken port fails silently.
+        from convmixer_dist.profiling import check_port_free
+        check_port_free(config.profiler_port)
     try:
         summary = train.train_and_evaluate(config, strategy)
     except train.TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_DIVERGED)
-    except train.Preempted as err:
-        print(f"preempted: {err}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_PREEMPTED)
+    except (train.Preempted, preemption.StopRequested) as err:
+        code = preemption.exit_code()  # 75 for SIGTERM/SIGUSR1, 130 for Ctrl-C
+        print(f"{'interrupted' if code == EXIT_INTERRUPTED else 'preempted'}: {err}", file=sys.stderr,
+              flush=True)
+        sys.exit(code)
     # Every worker states its final weights, so a multi-worker run can be checked for agreement.
     print(f"weights_sha256 {summary['weights_sha256']} weights_abs_sum {summary['weights_abs_sum']!r}",
           flush=True)

@@ -1,49 +1,215 @@
-"""Preemption: SIGTERM (what Slurm, Kubernetes and most schedulers send before killing a job) or
-SIGUSR1 (Slurm's `--signal=USR1@SECONDS`) asks the run to save a checkpoint at the next step boundary
-and exit with code 75 (`main.EXIT_PREEMPTED`), so a requeue resumes it with nothing lost.
+"""Stop signals: SIGTERM (what Slurm, Kubernetes and most schedulers send before killing a job),
+SIGUSR1 (Slurm's `--signal=USR1@SECONDS`) and SIGINT (Ctrl-C).
 
-In multi-worker runs only some workers may receive the signal; `should_stop` all-reduces the flag so
-every worker stops (and takes part in the save) at the same step.
+What happens, by phase (the command line; see `install_signal_thread`):
+- Before anything is written (imports, strategy start-up, data loading): the process exits at once,
+  one line, code 75 (SIGTERM/SIGUSR1: rerun to start) or 130 (Ctrl-C). Nothing is left behind.
+- While training: the run stops at the next step boundary, *inside* the multi-step `tf.function`
+  call (the loop reads a stop flag before every step; all replicas and workers agree on it), saves
+  a checkpoint and exits with code 75 (preempted, rerun to resume) or 130 (Ctrl-C), one line. The
+  bound is one training step, plus the evaluation or checkpoint save in progress if the signal
+  arrives during one, plus the save itself.
+- A second Ctrl-C exits at once (code 130, one line); the last checkpoint is kept.
+
+Why a thread: Python runs signal handlers only in the main thread between bytecodes, so while that
+thread waits in a long TensorFlow call a handler would run only after the call. `block_signals`
+blocks the signals in every thread (before TensorFlow starts its own), and `install_signal_thread`
+(once the strategy exists) receives them in a dedicated thread with `sigwait`, which sets the stop
+flag (a tf.Variable) while the call runs.
+In-process use without that thread (tests, notebooks) falls back to ordinary handlers: the run then
+stops after the current call.
 """
 from __future__ import annotations
 
+import os
 import signal
+import sys
+import threading
 
-import tensorflow as tf
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (*STOP_SIGNALS, signal.SIGINT)
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: rerun to resume.
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C.
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+class _State:
+    """Process-wide: what was received, whether anything was written yet, the in-graph flag."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.signum: int | None = None
+        self.interrupts = 0
+        self.writing = False  # Set once the run may write files: from then on stop cleanly.
+        self.flag = None  # tf.Variable read by the training loop before every step.
+        self.thread: threading.Thread | None = None
+        self.stderr_fd: int | None = None  # A duplicate of stderr for messages from the thread.
+        self.managed = False  # block_signals() was called: the thread takes the signals.
+
+
+STATE = _State()
+
+
+def exit_code() -> int:
+    """75 for SIGTERM/SIGUSR1, 130 for Ctrl-C."""
+    return EXIT_INTERRUPTED if STATE.signum == signal.SIGINT else EXIT_PREEMPTED
+
+
+def _record(signum: int) -> None:
+    """Note a stop request and raise the in-graph flag (any thread)."""
+    with STATE.lock:
+        if signum == signal.SIGINT:
+            STATE.interrupts += 1
+        if STATE.signum is None or signum == signal.SIGINT:
+            STATE.signum = signum
+        flag = STATE.flag
+    if flag is not None:
+        flag.assign(1)
+
+
+def _exit_now(message: str, code: int) -> None:
+    from convmixer_dist import rundir
+
+    # The saved descriptor: stderr itself may be pointed at /dev/null right now (runtime.py silences
+    # TensorFlow's import-time logs that way).
+    os.write(STATE.stderr_fd if STATE.stderr_fd is not None else 2, (message + "\n").encode())
+    rundir.release_all_locks()
+    os._exit(code)  # noqa: SLF001 - the main thread may be inside TensorFlow; no cleanup can run there
+
+
+def _receive(signals: set) -> None:
+    while True:
+        signum = signal.sigwait(signals)
+        with STATE.lock:
+            writing = STATE.writing
+            second_interrupt = signum == signal.SIGINT and STATE.interrupts >= 1
+        if second_interrupt:
+            _exit_now("interrupted again: exiting now without a checkpoint (the last one is kept)",
+                      EXIT_INTERRUPTED)
+        if not writing:
+            name = "interrupted" if signum == signal.SIGINT else "preempted"
+            _exit_now(f"{name}: stopped by {signal.Signals(signum).name} before training started; "
+                      "nothing was written", EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED)
+        _record(signum)  # The run reports the outcome in one line when it has saved.
+
+
+def block_signals() -> None:
+    """Keep SIGTERM/SIGUSR1/SIGINT pending (in this thread and every thread created later) until
+    `install_signal_thread` takes them. Call it before TensorFlow is imported: its threads inherit
+    the mask, so TensorFlow's own SIGTERM handler never sees the signals."""
+    sys.stderr.flush()
+    if STATE.stderr_fd is None:
+        STATE.stderr_fd = os.dup(2)
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(SIGNALS))
+    STATE.managed = True
+
+
+def signals_managed() -> bool:
+    """True when this process's stop signals are (or will be) taken by the stop-signal thread."""
+    return STATE.managed
+
+
+def install_signal_thread() -> None:
+    """Receive SIGTERM/SIGUSR1/SIGINT in a dedicated thread (see the module docstring); a signal
+    that arrived since `block_signals` is taken at once. Start it after the strategy exists (during
+    multi-worker start-up, startup.py polls the pending signals itself)."""
+    if STATE.thread is not None:
+        return
+    block_signals()
+    STATE.thread = threading.Thread(target=_receive, args=(set(SIGNALS),), name="stop-signals",
+                                    daemon=True)
+    STATE.thread.start()
+
+
+def start_writing() -> None:
+    """Mark the point after which a stop request is honoured by saving (not by exiting at once);
+    raises `StopRequested` if one already arrived, so nothing gets written. Without the signal
+    thread (in-process runs) every run starts with no stop request."""
+    with STATE.lock:
+        if STATE.thread is None:
+            STATE.signum, STATE.interrupts = None, 0
+        if STATE.signum is not None:
+            raise StopRequested(f"stopped by {signal.Signals(STATE.signum).name} before training "
+                                "started; nothing was written")
+        STATE.writing = True
+
+
+class StopRequested(RuntimeError):
+    """A stop signal arrived before anything was written."""
+
+
+def stop_flag():
+    """The process's stop flag (a tf.Variable, 1 once a stop was requested), read by the training
+    loop before every step. Created on first use, after the strategy (MultiWorkerMirroredStrategy
+    must exist before any op)."""
+    import tensorflow as tf
+
+    with STATE.lock:
+        if STATE.flag is None:
+            STATE.flag = tf.Variable(0, dtype=tf.int32, trainable=False, name="stop_requested")
+        STATE.flag.assign(1 if STATE.signum is not None else 0)
+        return STATE.flag
+
+
+def make_stop_check(strategy, flag):
+    """A function for the inside of the training loop's tf.function: True once any worker's flag is
+    set. In multi-worker runs the flag is all-reduced so every worker stops at the same step."""
+    import tensorflow as tf
+
+    if flag is None:
+        return lambda: tf.constant(False)
+    if not strategy.extended._in_multi_worker_mode():  # noqa: SLF001 - public in effect
+        return lambda: flag.read_value() > 0
+
+    def agreed():
+        per_replica = strategy.run(lambda: tf.identity(flag.read_value()))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None) > 0
+
+    return agreed
 
 
 class PreemptionWatcher:
-    """Records termination signals; `should_stop()` is the cross-worker decision."""
+    """The training loop's view of stop requests; `should_stop()` is the cross-worker decision."""
 
-    def __init__(self, strategy: tf.distribute.Strategy):
+    def __init__(self, strategy):
+        import tensorflow as tf
+
         self.strategy = strategy
-        self.received: int | None = None
         self._previous = {}
         self._multi_worker = strategy.extended._in_multi_worker_mode()  # noqa: SLF001 - public in effect
         if self._multi_worker:
             self._agree = tf.function(self._all_workers_flag)
 
+    @property
+    def received(self) -> int | None:
+        return STATE.signum
+
     def __enter__(self) -> "PreemptionWatcher":
-        for sig in SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        with STATE.lock:
+            STATE.writing = True
+        if STATE.thread is None and threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:  # In-process fallback: honoured after the current call.
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
-        self.received = signum
+    @staticmethod
+    def _handle(signum, frame) -> None:  # noqa: ARG004 - signal handler signature
+        _record(signum)
 
     def _all_workers_flag(self, flag):
+        import tensorflow as tf
+
         per_replica = self.strategy.run(lambda: tf.identity(flag))
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     def should_stop(self) -> bool:
-        """True on every worker once any worker has received a termination signal."""
-        local = 1.0 if self.received is not None else 0.0
+        """True on every worker once any worker has received a stop signal."""
+        import tensorflow as tf
+
+        local = 1.0 if STATE.signum is not None else 0.0
         if not self._multi_worker:
             return bool(local)
         return bool(self._agree(tf.constant(local)) > 0)

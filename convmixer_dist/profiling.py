@@ -71,6 +71,42 @@ class ProfileWindow:
             self.active = False
 
 
+def check_profile_window(steps: tuple[int, int] | None, total_steps: int) -> str | None:
+    """UsageError when --profile_steps starts at or after the run's last step (nothing would be
+    captured); a warning line when it ends after it (the profile stops at the last step)."""
+    if steps is None:
+        return None
+    start, end = steps
+    if start >= total_steps:
+        raise UsageError(f"--profile_steps={start},{end}: the run has {total_steps} steps, so nothing "
+                         f"would be profiled; expected START < {total_steps}")
+    if end > total_steps:
+        return (f"warning: --profile_steps={start},{end} ends after the run's {total_steps} steps; "
+                f"profiling steps {start}..{total_steps}")
+    return None
+
+
+def check_port_free(port: int) -> None:
+    """UsageError if another process listens on `port`: TensorFlow's profiler server would fail
+    silently there (no error, no server). Checked before anything is written."""
+    import socket
+
+    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        try:
+            probe = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            continue  # No IPv6 on this host.
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no conflict
+            try:
+                probe.bind((host, port))
+            except OSError as err:
+                if family == socket.AF_INET6 and err.errno != 98:  # EADDRNOTAVAIL etc.: no IPv6
+                    continue
+                raise UsageError(f"--profiler_port={port}: the port is in use by another process "
+                                 f"({err.strerror}); pick a free port") from None
+
+
 def start_profiler_server(port: int) -> None:
     """Serve on-demand captures (TensorBoard's "Capture profile" button, grpc://HOST:PORT)."""
     import tensorflow as tf

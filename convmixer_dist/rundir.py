@@ -1,13 +1,19 @@
 """The model directory: created only once the inputs are known to be valid, with the run's flags.
 
-Layout: flags.txt (resolved flags, a valid flagfile), checkpoints/, train/ and eval/ (TensorBoard
-events), plugins/profile/ (profiles), summary.json. A directory that already holds a run is resumed,
-but only by a run with the same model and dataset; `--overwrite` moves it aside (never deletes it).
+Layout: flags.txt (resolved flags, a valid flagfile), checkpoints/ (with identity.json: the flags the
+checkpoints depend on, written once), train/ and eval/ (TensorBoard events), plugins/profile/
+(profiles), summary.json, and .lock while a run uses the directory. A directory that already holds a
+run is resumed, but only by a run with the same identity; `--overwrite` moves it aside (never deletes it).
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
+import glob
 import json
 import os
+import socket
+import tempfile
 import time
 
 from convmixer_dist.config import IDENTITY_FIELDS, Config, flag_text, read_flagfile
@@ -16,42 +22,104 @@ from convmixer_dist.errors import UsageError
 FLAGS_FILE = "flags.txt"
 
 
+IDENTITY_FILE = os.path.join("checkpoints", "identity.json")
+LOCK_FILE = ".lock"
+# Entries of MODEL_DIR that belong to this invocation, not to the run: --overwrite leaves them in
+# place (a launcher is writing to logs/ while the run starts; the lock is this process's).
+NOT_MOVED = ("logs", LOCK_FILE)
+
+
+def run_identity(config: Config) -> dict[str, str]:
+    """The flags a checkpoint's shape and meaning depend on, as flagfile text."""
+    return {name: flag_text(getattr(config, name)) for name in IDENTITY_FIELDS}
+
+
+def _has_checkpoints(model_dir: str) -> bool:
+    return any(glob.glob(os.path.join(model_dir, sub, "ckpt-*"))
+               for sub in ("checkpoints", "best_checkpoint"))
+
+
+def _recorded_identity(model_dir: str) -> tuple[dict[str, str], str] | None:
+    """(identity, source file) of the run in MODEL_DIR: checkpoints/identity.json, written once with
+    the first checkpoint and never changed, else (runs of older versions) flags.txt; None if neither."""
+    path = os.path.join(model_dir, IDENTITY_FILE)
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                identity = json.load(f)
+            if not isinstance(identity, dict):
+                raise ValueError("not an object")
+        except (OSError, ValueError) as err:
+            raise UsageError(f"{path} is unreadable ({err.__class__.__name__}): the checkpoints' run "
+                             "identity is unknown; use --overwrite to start a new run") from None
+        return {k: str(v) for k, v in identity.items()}, path
+    path = os.path.join(model_dir, FLAGS_FILE)
+    if os.path.isfile(path):
+        try:
+            return read_flagfile(path), path
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"{path} is unreadable ({err.__class__.__name__}); use --overwrite") from None
+    return None
+
+
 def check_resume_compatible(config: Config) -> None:
-    """UsageError listing the identity flags that differ from the run already in MODEL_DIR."""
-    path = os.path.join(config.model_dir, FLAGS_FILE)
-    if not os.path.isfile(path):
+    """UsageError listing the identity flags that differ from the run already in MODEL_DIR, or when
+    MODEL_DIR holds checkpoints whose identity is recorded nowhere (resuming could mix two runs)."""
+    recorded = _recorded_identity(config.model_dir)
+    if recorded is None:
+        if _has_checkpoints(config.model_dir):
+            raise UsageError(f"--model_dir={config.model_dir} holds checkpoints but neither {IDENTITY_FILE} "
+                             f"nor {FLAGS_FILE} says which run wrote them; resume with "
+                             f"--flagfile=<that run's flags>, pick another --model_dir, or pass "
+                             f"--overwrite to move the old run aside")
         return
-    try:
-        previous = read_flagfile(path)
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"{path} is unreadable ({err.__class__.__name__}); use --overwrite") from None
-    differing = [f"--{name}={flag_text(getattr(config, name))} (was {previous[name]})"
-                 for name in IDENTITY_FIELDS
-                 if name in previous and previous[name] != flag_text(getattr(config, name))]
+    previous, source = recorded
+    differing = [f"--{name}={value} (was {previous[name]})"
+                 for name, value in run_identity(config).items()
+                 if name in previous and previous[name] != value]
     if differing:
-        raise UsageError(f"--model_dir={config.model_dir} holds a run with other flags: "
-                         f"{', '.join(differing)}; resume with the same flags, pick another "
-                         f"--model_dir, or pass --overwrite to move the old run aside")
+        raise UsageError(f"--model_dir={config.model_dir} holds a run with other flags "
+                         f"({os.path.basename(source)}): {', '.join(differing)}; resume with the same "
+                         f"flags, pick another --model_dir, or pass --overwrite to move the old run aside")
 
 
 def move_aside(model_dir: str) -> str | None:
-    """Rename an existing non-empty MODEL_DIR to MODEL_DIR.old-TIMESTAMP; returns the new name."""
-    if not os.path.isdir(model_dir) or not os.listdir(model_dir):
+    """Move the run in MODEL_DIR (everything but `NOT_MOVED`) into MODEL_DIR.old-TIMESTAMP; returns
+    that directory, or None when there was nothing to move. MODEL_DIR itself stays (a launcher's
+    logs/ and open log files keep their place)."""
+    if not os.path.isdir(model_dir):
+        return None
+    entries = sorted(e for e in os.listdir(model_dir) if e not in NOT_MOVED)
+    if not entries:
         return None
     target = f"{model_dir.rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
     suffix = 0
     while os.path.exists(target if not suffix else f"{target}-{suffix}"):
         suffix += 1
     target = target if not suffix else f"{target}-{suffix}"
-    os.rename(model_dir, target)
+    os.makedirs(target)
+    for entry in entries:
+        os.rename(os.path.join(model_dir, entry), os.path.join(target, entry))
     return target
 
 
 def prepare_model_dir(config: Config, chief: bool) -> str | None:
-    """Check/move aside an existing run, create MODEL_DIR, write flags.txt on the chief.
+    """Lock MODEL_DIR (chief), check/move aside an existing run, create MODEL_DIR, write the run
+    identity (once) and flags.txt on the chief.
 
     Returns where an old run was moved by --overwrite (None otherwise).
     """
+    ensure_writable_dir(config.model_dir, f"--model_dir={config.model_dir}")
+    if chief:
+        acquire_run_lock(config.model_dir)
+    try:
+        return _prepare_locked(config, chief)
+    except BaseException:
+        release_run_lock(config.model_dir)
+        raise
+
+
+def _prepare_locked(config: Config, chief: bool) -> str | None:
     moved = None
     if config.overwrite:
         if chief:
@@ -62,10 +130,102 @@ def prepare_model_dir(config: Config, chief: bool) -> str | None:
                                  f"({err.strerror})") from None
     else:
         check_resume_compatible(config)
-    ensure_writable_dir(config.model_dir, f"--model_dir={config.model_dir}")
     if chief:
+        identity = os.path.join(config.model_dir, IDENTITY_FILE)
+        if not os.path.isfile(identity):
+            os.makedirs(os.path.dirname(identity), exist_ok=True)
+            write_json(identity, run_identity(config))
         write_text(os.path.join(config.model_dir, FLAGS_FILE), config.to_flagfile())
     return moved
+
+
+# ------------------------------------------------------------------------------------ run lock
+def _process_start(pid: int) -> str | None:
+    """The start time of process `pid` (Linux /proc, in clock ticks), to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(holder: dict) -> bool:
+    """Whether the lock's process still runs (only decidable on its own host)."""
+    pid = int(holder["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    start = holder.get("start")
+    return start is None or _process_start(pid) in (None, start)
+
+
+def _read_lock(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+        int(holder["pid"]), str(holder["host"])
+        return holder
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def acquire_run_lock(model_dir: str) -> None:
+    """Take MODEL_DIR/.lock (pid, host, start time) or raise a UsageError naming the process that
+    holds it. A lock left by a process that died on this host is stale and taken over; a lock from
+    another host cannot be checked and is reported (delete it if that process is gone)."""
+    path = os.path.join(model_dir, LOCK_FILE)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
+          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        tmp = f"{path}.{me['pid']}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(me, f)
+        try:
+            os.link(tmp, path)  # Atomic and never half-written: the lock appears complete or not at all.
+            _HELD.add(os.path.abspath(path))
+            return
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+        holder = _read_lock(path)
+        if holder is not None and int(holder["pid"]) == me["pid"] and holder["host"] == me["host"]:
+            _HELD.add(os.path.abspath(path))
+            return  # This process already holds it (a second run in one process, e.g. tests).
+        if holder is not None and (holder["host"] != me["host"] or _alive(holder)):
+            raise UsageError(f"--model_dir={model_dir} is in use by pid {holder['pid']} on "
+                             f"{holder['host']} (since {holder.get('since', '?')}); wait for it to finish, "
+                             f"pick another --model_dir, or delete {path} if that process is gone")
+        # Stale (its process is dead) or unreadable: take it over, unless it changed meanwhile.
+        if _read_lock(path) == holder:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    raise UsageError(f"--model_dir={model_dir}: could not take {path}; another run keeps taking it")
+
+
+def release_run_lock(model_dir: str) -> None:
+    """Remove MODEL_DIR/.lock if this process holds it (also run at exit)."""
+    path = os.path.abspath(os.path.join(model_dir, LOCK_FILE))
+    if path not in _HELD:
+        return
+    _HELD.discard(path)
+    holder = _read_lock(path)
+    if holder is not None and int(holder["pid"]) == os.getpid():
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+_HELD: set[str] = set()
+
+
+@atexit.register
+def release_all_locks() -> None:
+    """Release every lock this process holds (at exit, and before an immediate exit)."""
+    for path in list(_HELD):
+        release_run_lock(os.path.dirname(path))
 
 
 def ensure_writable_dir(directory: str, flag: str) -> None:
@@ -75,8 +235,20 @@ def ensure_writable_dir(directory: str, flag: str) -> None:
         os.makedirs(directory, exist_ok=True)
     except OSError as err:
         raise UsageError(f"{flag}: {directory} cannot be created ({err.strerror})") from None
-    if not os.access(directory, os.W_OK):
-        raise UsageError(f"{flag}: {directory} is not writable")
+    try:  # A real write: access() says yes to root on a read-only directory.
+        tempfile.NamedTemporaryFile(dir=directory, prefix=".write_probe_").close()
+    except OSError as err:
+        raise UsageError(f"{flag}: {directory} is not writable ({err.strerror})") from None
+
+
+def ensure_writable_file(path: str, flag: str) -> None:
+    """UsageError starting with `flag` unless `path` can be written as a file (not a directory, in a
+    writable directory, not a read-only file); checked before long work."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag}: {path} is a directory; expected a file name")
+    ensure_writable_dir(os.path.dirname(os.path.abspath(path)), flag)
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag}: {path} is not writable")
 
 
 def write_text(path: str, text: str) -> None:

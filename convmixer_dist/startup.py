@@ -184,7 +184,12 @@ def watch_creation(names: list[str], addresses: list[str], index: int, seconds: 
 
 
 def after_creation(previous: dict) -> None:
-    """Put Python's signal handlers back over TensorFlow's, then let pending signals in."""
+    """Put Python's signal handlers back over TensorFlow's, then let pending signals in (unless
+    the stop-signal thread of preemption.py takes them: then they stay blocked for it)."""
+    from convmixer_dist import preemption
+
+    if preemption.signals_managed():
+        return
     for signum in STOP_SIGNALS:
         handler = previous.get(signum)
         if signum != signal.SIGINT and not callable(handler):

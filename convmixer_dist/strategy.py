@@ -59,6 +59,24 @@ def _mirrored_cross_device_ops(all_reduce: str, on_gpu: bool):
     return None  # auto on GPUs: TensorFlow picks NCCL when available.
 
 
+TASK_TYPES = ("worker", "chief")
+
+
+def refuse_other_tasks(spec) -> None:
+    """UsageError for TF_CONFIG task types this trainer does not run (a side-car `evaluator`, `ps`):
+    such a task would train a private copy and write nothing."""
+    if not isinstance(spec, dict):
+        return
+    cluster = spec.get("cluster") if isinstance(spec.get("cluster"), dict) else {}
+    task = spec.get("task") if isinstance(spec.get("task"), dict) else {}
+    others = sorted({str(task.get("type", "worker"))} | set(cluster)) if task or cluster else []
+    others = [t for t in others if t not in TASK_TYPES]
+    if others:
+        raise UsageError(f"TF_CONFIG task type {others[0]!r} is not supported: only 'worker' (and 'chief') tasks are "
+                         "run; evaluate with `python -m convmixer_dist.evaluate --model_dir=...` "
+                         "instead of a side-car evaluator")
+
+
 def validate_tf_config(raw: str | None) -> dict:
     """Parse TF_CONFIG for multi_worker; one-line UsageError when missing or malformed."""
     expected = ('{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": I}} '
@@ -69,9 +87,13 @@ def validate_tf_config(raw: str | None) -> dict:
         spec = json.loads(raw)
         workers = spec["cluster"]["worker"] + spec["cluster"].get("chief", [])
         task_type, index = spec["task"]["type"], int(spec["task"]["index"])
-        assert task_type in ("chief", "worker") and task_type in spec["cluster"] and 0 <= index < len(spec["cluster"][task_type])
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise UsageError(f"TF_CONFIG is malformed: expected {expected}") from None
+        # Explicit checks, not `assert`: `python -O` removes asserts.
+        well_formed = task_type in spec["cluster"] and 0 <= index < len(spec["cluster"][task_type])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        well_formed = False
+    if not well_formed:
+        raise UsageError(f"TF_CONFIG is malformed: expected {expected}")
+    refuse_other_tasks(spec)
     if len(workers) < 2:
         raise UsageError("--strategy=multi_worker needs at least 2 tasks in TF_CONFIG; use "
                          "--strategy=mirrored on one host")
@@ -112,9 +134,10 @@ def create_strategy(config: Config) -> tf.distribute.Strategy:
         del os.environ["TF_CONFIG"]  # TensorFlow would fail to parse an empty TF_CONFIG.
     elif raw is not None:
         try:
-            json.loads(raw)
+            spec = json.loads(raw)
         except ValueError:
             raise UsageError("TF_CONFIG is not valid JSON; unset it for single-host strategies") from None
+        refuse_other_tasks(spec)
     configure_devices(config.cpu_replicas if config.strategy == "mirrored" else 1)
     gpus = _local_gpus(config.num_gpus)
     if config.strategy == "one_device":

@@ -25,14 +25,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from convmixer_dist import data, image_folder, optimization, rundir, tfrecord
+from convmixer_dist import data, image_folder, optimization, preemption, rundir, tfrecord
 from convmixer_dist.checkpoint import CheckpointSaver
 from convmixer_dist.config import Config, Derived, derive
 from convmixer_dist.fused import resolve_kernels
 from convmixer_dist.model import build_convmixer, count_params
 from convmixer_dist.precision import resolve_precision
 from convmixer_dist.preemption import PreemptionWatcher
-from convmixer_dist.profiling import ProfileWindow, parse_profile_steps, start_profiler_server
+from convmixer_dist.profiling import (ProfileWindow, check_profile_window, parse_profile_steps,
+                                      start_profiler_server)
 from convmixer_dist.strategy import device_kind, is_chief
 
 SUM = tf.distribute.ReduceOp.SUM
@@ -133,10 +134,13 @@ def make_replica_steps(model, optimizer, config: Config, xla: bool) -> tuple[Cal
     return replica_step, replica_accumulated_step
 
 
-def make_train_loop(strategy, model, optimizer, config: Config, xla: bool) -> Callable:
+def make_train_loop(strategy, model, optimizer, config: Config, xla: bool,
+                    stop_flag: tf.Variable | None = None) -> Callable:
     """A tf.function running `num_steps` training (optimizer) steps; returns summed (loss, correct,
-    count). With `--grad_accum_steps=K` each optimizer step reads K micro-batches from the iterator
-    (see `make_replica_steps`)."""
+    count) and the number of steps run: fewer than `num_steps` when `stop_flag` (see
+    preemption.stop_flag) is raised during the call, so a stop signal is honoured at the next step.
+    With `--grad_accum_steps=K` each optimizer step reads K micro-batches from the iterator (see
+    `make_replica_steps`)."""
     accum = config.grad_accum_steps
     replica_step, replica_accumulated_step = make_replica_steps(model, optimizer, config, xla)
 
@@ -145,7 +149,10 @@ def make_train_loop(strategy, model, optimizer, config: Config, xla: bool) -> Ca
         """`num_steps` steps from global step `first_step`; the step numbered `nan_at_step` (a
         fault-injection hook for tests, 0 = never) gets a NaN loss."""
         totals = [tf.constant(0.0), tf.constant(0.0), tf.constant(0.0)]
+        done = tf.constant(0, tf.int32)
         for i in tf.range(num_steps):
+            if stop_requested():
+                break
             step = first_step + tf.cast(i, tf.int64)
             poison = tf.where(step + 1 == nan_at_step, float("nan"), 1.0)
             if accum == 1:
@@ -158,8 +165,10 @@ def make_train_loop(strategy, model, optimizer, config: Config, xla: bool) -> Ca
                 per_replica = strategy.run(replica_accumulated_step,
                                            args=(stacked[0], stacked[1], poison, step))
             totals = [t + strategy.reduce(SUM, v, axis=None) for t, v in zip(totals, per_replica)]
-        return totals
+            done += 1
+        return totals + [tf.cast(done, tf.float32)]
 
+    stop_requested = preemption.make_stop_check(strategy, stop_flag)
     return train_loop
 
 
@@ -263,6 +272,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
         return _train_and_evaluate(config, strategy, chief, kind, policy, wall_start)
     finally:  # Process-wide settings go back to what the caller had.
         keras.mixed_precision.set_dtype_policy(previous_policy)
+        rundir.release_run_lock(config.model_dir)  # Taken by rundir.prepare_model_dir (chief).
         if not was_deterministic:
             _disable_op_determinism()
 
@@ -291,6 +301,10 @@ def _train_and_evaluate(config: Config, strategy, chief: bool, kind: str, policy
     # ---- input pipeline (validated before anything is written)
     inputs = prepare_inputs(config, strategy)
     derived = inputs.derived
+    profile_warning = check_profile_window(parse_profile_steps(config.profile_steps), derived.total_steps)
+    if profile_warning:
+        _say(chief, profile_warning)
+    preemption.start_writing()  # A stop signal before this point exits at once (nothing written).
     moved = rundir.prepare_model_dir(config, chief)
     if moved:
         _say(chief, f"--overwrite: moved the previous run to {moved}")
@@ -309,8 +323,10 @@ def _train_and_evaluate(config: Config, strategy, chief: bool, kind: str, policy
     # ---- step functions, summaries, profiling
     xla = use_xla(config, kind)
     _say(chief, describe_run(config, derived, state.model, policy, xla))
+    train_loop = make_train_loop(strategy, state.model, state.optimizer, config, xla,
+                                 stop_flag=preemption.stop_flag())
     loop = Loop(config=config, derived=derived, strategy=strategy, chief=chief, policy=policy, xla=xla,
-                inputs=inputs, train_loop=make_train_loop(strategy, state.model, state.optimizer, config, xla),
+                inputs=inputs, train_loop=train_loop,
                 eval_step=make_eval_step(strategy, state.model, config), saver=saver,
                 best_saver=best_saver, writers=create_writers(config, chief, inputs.val_dataset is not None),
                 profile=create_profile_window(config, chief),
@@ -458,12 +474,26 @@ class Counters:
 
     nan_at_step: int = 0  # --fault_inject_nan_at_step until the injected fault has fired once.
     images: int = 0  # Images trained in timed calls (the first call of an attempt compiles) ...
-    seconds: float = 0.0  # ... and their wall time: the run's images/s.
+    seconds: float = 0.0  # ... and their wall time: the run's images/s (summary.json).
+    window_images: int = 0  # The same since the last progress line: TensorBoard's images_per_sec,
+    window_seconds: float = 0.0  # so a slowdown shows instead of vanishing in the run's average.
     rollbacks: int = 0
 
     @property
     def images_per_sec(self) -> float | None:
         return self.images / self.seconds if self.seconds else None
+
+    def add_timed(self, images: int, seconds: float) -> None:
+        """Count one timed loop call in the run's and the window's rates."""
+        self.images, self.seconds = self.images + images, self.seconds + seconds
+        self.window_images, self.window_seconds = self.window_images + images, self.window_seconds + seconds
+
+    def window_rate(self, fallback: float) -> float:
+        """Images/s since the previous call (a new window starts); `fallback` (the last call's rate)
+        when the window holds only an untimed call."""
+        rate = self.window_images / self.window_seconds if self.window_seconds else fallback
+        self.window_images, self.window_seconds = 0, 0.0
+        return rate
 
 
 def describe_run(config: Config, derived: Derived, model: keras.Model, policy: str, xla: bool) -> str:
@@ -554,10 +584,11 @@ def train_epoch(loop: Loop, state: TrainState, iterator, counters: Counters, wat
         lr = float(optimization.current_learning_rate(state.optimizer))
         started = time.time()
         with loop.profile.step(step, n):
-            totals = np.array([float(t) for t in loop.train_loop(
+            *totals, done = [float(t) for t in loop.train_loop(
                 iterator, tf.constant(n, tf.int32), tf.constant(step, tf.int64),
-                tf.constant(counters.nan_at_step, tf.int64))])
+                tf.constant(counters.nan_at_step, tf.int64))]
         seconds = time.time() - started
+        totals, n = np.array(totals), int(done)  # n < requested: stopped by a signal
         if step < counters.nan_at_step <= step + n:
             counters.nan_at_step = 0  # The injected fault fires once per process.
         if not math.isfinite(totals[0]) and loop.policy != "mixed_float16":
@@ -568,11 +599,10 @@ def train_epoch(loop: Loop, state: TrainState, iterator, counters: Counters, wat
         state.epoch_totals.assign_add(totals)
         window += totals
         if timed:
-            counters.images += n * config.global_batch_size
-            counters.seconds += seconds
+            counters.add_timed(n * config.global_batch_size, seconds)
         timed = True
-        if step % loop.log_every == 0 or step == epoch_end:
-            rate = counters.images_per_sec or n * config.global_batch_size / max(seconds, 1e-9)
+        if n and (step % loop.log_every == 0 or step == epoch_end):
+            rate = counters.window_rate(fallback=n * config.global_batch_size / max(seconds, 1e-9))
             log_train(loop, state, step, epoch, window, lr, rate)
             window[:] = 0
         if watcher.should_stop():

@@ -3,7 +3,11 @@ no traceback, and nothing written."""
 import json
 import os
 import pickle
+import socket
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 from cifar_files import write_cifar10
@@ -31,6 +35,67 @@ def crafted_pickle(tmp):
     with open(os.path.join(folder, "data_batch_1"), "wb") as f:
         pickle.dump({b"data": b"", b"labels": [], b"x": Payload()}, f)
     return ["--dataset=cifar10", f"--data_dir={tmp / 'data'}", "--image_size=32"], {}
+
+
+def flagfiles(**files):
+    """Write flagfiles NAME -> lines into tmp; use the first one."""
+    def build(tmp):
+        for name, lines in files.items():
+            (tmp / name).write_text("\n".join(line.replace("TMP", str(tmp)) for line in lines) + "\n")
+        return [f"--flagfile={tmp / next(iter(files))}"], {}
+    return build
+
+
+_HELD = []  # sockets kept open while the command runs
+
+
+def taken_port(tmp):
+    sock = socket.socket()
+    sock.bind(("0.0.0.0", 0))
+    sock.listen()
+    _HELD.append(sock)
+    return [f"--profiler_port={sock.getsockname()[1]}"], {}
+
+
+def truncated_png(tmp):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (tmp / "images" / split / label).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp / "images" / split / label / f"{i}.png")
+    path = tmp / "images" / "train" / "b" / "1.png"
+    path.write_bytes(path.read_bytes()[:60])
+    return ["--dataset=image_folder", f"--data_dir={tmp / 'images'}", "--global_batch_size=4",
+            "--synthetic_train_size=4"], {}
+
+
+def cifar100_labels_as_cifar10(tmp):
+    folder = write_cifar10(str(tmp / "data"), train_sizes=(8,), test_size=4)
+    with open(os.path.join(folder, "data_batch_1"), "wb") as f:  # labels 0..99 in a CIFAR-10 file
+        pickle.dump({b"data": np.zeros((8, 3072), np.uint8), b"labels": [0, 5, 99, 42, 7, 1, 2, 3]}, f)
+    return ["--dataset=cifar10", f"--data_dir={tmp / 'data'}", "--image_size=32"], {}
+
+
+def run_dir_in_use(tmp):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    _HELD.append(other)
+    (tmp / "run").mkdir()
+    (tmp / "run" / ".lock").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(),
+                                                   "since": "now"}))
+    return [], {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_held():
+    yield
+    for held in _HELD:
+        if isinstance(held, subprocess.Popen):
+            held.kill()
+            held.wait()
+        else:
+            held.close()
 
 
 def _tfrecord_dir(tmp, train_records):
@@ -124,6 +189,22 @@ CASES = {
                                                 "--grad_accum_steps=5"),
     "malformed profile_steps": (lambda tmp: (["--profile_steps=20,10"], {}), "--profile_steps"),
     "missing flagfile": (lambda tmp: (["--flagfile=configs/nope.flags"], {}), "nope.flags"),
+    "flagfile including itself": (flagfiles(a=["--depth=2", "--flagfile=TMP/a"]), "circular"),
+    "flagfiles a -> b -> a": (flagfiles(a=["--flagfile=TMP/b"], b=["--depth=2", "--flagfile=TMP/a"]),
+                              "circular flagfile includes"),
+    "flagfile line without --": (flagfiles(a=["--depth=2", "learning_rate=0.5"]),
+                                 "line 2: 'learning_rate=0.5' is not a flag"),
+    "stray positional argument": (lambda tmp: (["learning_rate=0.5"], {}),
+                                  "unexpected argument 'learning_rate=0.5'"),
+    "profiler port taken": (taken_port, "--profiler_port"),
+    "profile window after the run": (lambda tmp: (["--profile_steps=100,200"], {}), "--profile_steps=100,200"),
+    "truncated PNG in an image folder": (truncated_png, "1.png: truncated"),
+    "CIFAR-100 labels under --dataset=cifar10": (cifar100_labels_as_cifar10, "outside 0..9"),
+    "TF_CONFIG with an evaluator task": (
+        tf_config(json.dumps({"cluster": {"worker": ["localhost:2222", "localhost:2223"],
+                                          "evaluator": ["localhost:2224"]},
+                              "task": {"type": "evaluator", "index": 0}})), "'evaluator'"),
+    "run directory in use": (run_dir_in_use, "is in use by pid"),
 }
 
 

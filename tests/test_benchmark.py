@@ -127,6 +127,13 @@ def test_an_unwritable_output_is_refused_before_any_timing(tmp_path, module):
     assert proc.stderr.startswith(f"error: --output={blocker}/result.json: ") and "cannot be created" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "window" not in proc.stdout
     assert blocker.read_text() == "not a directory"
+    # An existing directory as --output: refused up front, nothing (no .tmp) left in it.
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    proc = run_cli(module, f"--output={existing}")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: --output={existing}: {existing} is a directory; expected a file name"]
+    assert list(existing.iterdir()) == [] and "window" not in proc.stdout
 
 
 def test_imagenet_like_jpegs_have_the_documented_shape(tmp_path):

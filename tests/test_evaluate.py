@@ -121,3 +121,37 @@ def test_command_prints_report_and_bad_input_is_one_line_exit_2(run, tmp_path):
     assert bad.stderr.splitlines() == [
         f"error: --model_dir={tmp_path}: no flags.txt; expected the --model_dir of a training run "
         "(python -m convmixer_dist.main writes it)"]
+
+
+@pytest.mark.parametrize("names,message", [("{broken", "not a readable JSON list of class names"),
+                                           ('["a", "b"]', "2 names for 4 classes")])
+def test_a_broken_or_short_class_names_file_is_one_usage_error(run, tmp_path, names, message):
+    import shutil
+
+    model_dir = str(tmp_path / "run")
+    shutil.copytree(run[0], model_dir)
+    for output in (evaluate.REPORT_FILE, evaluate.CONFUSION_FILE):  # from earlier evaluations
+        if os.path.exists(os.path.join(model_dir, output)):
+            os.remove(os.path.join(model_dir, output))
+    with open(os.path.join(model_dir, "class_names.json"), "w") as f:
+        f.write(names)
+    config = saved_run.load_run_config(model_dir)
+    with pytest.raises(UsageError, match=message):
+        evaluate.evaluate_run(config, out=io.StringIO())
+    assert not os.path.exists(os.path.join(model_dir, evaluate.REPORT_FILE))
+
+
+def test_unwritable_outputs_are_refused_before_the_evaluation(run, tmp_path):
+    import shutil
+
+    model_dir = str(tmp_path / "run")
+    shutil.copytree(run[0], model_dir)
+    for output in (evaluate.REPORT_FILE, evaluate.CONFUSION_FILE):  # from earlier evaluations
+        if os.path.exists(os.path.join(model_dir, output)):
+            os.remove(os.path.join(model_dir, output))
+    os.mkdir(os.path.join(model_dir, evaluate.REPORT_FILE))  # cannot be written, even by root
+    out = io.StringIO()
+    with pytest.raises(UsageError, match=rf"^--model_dir={model_dir}: .*eval_report.json is a directory"):
+        evaluate.evaluate_run(saved_run.load_run_config(model_dir), out=out)
+    assert out.getvalue() == ""  # no checkpoint restored, nothing evaluated
+    assert not os.path.exists(os.path.join(model_dir, evaluate.CONFUSION_FILE))

@@ -119,3 +119,18 @@ def test_commands_predict_and_reject_bad_input_with_one_line(exported, tmp_path)
     assert foreign.returncode == 2
     assert foreign.stderr.splitlines() == [
         f"error: --output={paths[0]} is a file; expected a directory for the export"]
+
+
+@pytest.mark.parametrize("names,message", [("{broken", "not a readable JSON list of class names"),
+                                           ('["a", "b"]', "2 names for a model of 4 classes")])
+def test_predict_with_a_broken_or_short_class_names_file_is_one_usage_error(exported, tmp_path, names,
+                                                                            message):
+    import shutil
+
+    _, output, _ = exported
+    copy = str(tmp_path / "export")
+    shutil.copytree(output, copy)
+    with open(os.path.join(copy, "class_names.json"), "w") as f:
+        f.write(names)
+    with pytest.raises(UsageError, match=message):
+        predict.predict_files(copy, _write_images(str(tmp_path)))

@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow as tf
 
@@ -131,10 +132,24 @@ def test_truncated_jpeg_is_named(tmp_path):
     paths, labels = splits["train"]
     jpeg = next(p for p in paths if p.lower().endswith(".jpg"))
     data = open(jpeg, "rb").read()
-    open(jpeg, "wb").write(data[: len(data) // 2])  # valid signature, broken body
-    image_folder.list_image_folder_splits(root)  # the cheap check cannot see it ...
+    open(jpeg, "wb").write(data[: len(data) // 2])  # a partial download: no end-of-image marker
+    with pytest.raises(UsageError, match=f"corrupt image file {jpeg}: truncated"):
+        image_folder.list_image_folder_splits(root)  # found up front, before anything is written
+    open(jpeg, "wb").write(data[: len(data) // 2] + b"\xff\xd9")  # broken body, intact ends
+    image_folder.list_image_folder_splits(root)  # the cheap check cannot see this one ...
     with pytest.raises(UsageError, match=f"corrupt image file {jpeg}: cannot be decoded"):
         _consume(paths, labels)  # ... the pipeline's decode error is mapped to the file
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP"])
+def test_truncated_files_of_every_format_are_found_up_front(tmp_path, fmt):
+    path = str(tmp_path / f"x.{fmt.lower()}")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)).save(path, format=fmt)
+    image_folder.check_image_files([path])  # the intact file passes
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:60])
+    with pytest.raises(UsageError, match=rf"corrupt image file {path}: truncated \(60 bytes"):
+        image_folder.check_image_files([path])
 
 
 def test_save_and_load_class_names(tmp_path):

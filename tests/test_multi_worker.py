@@ -4,9 +4,14 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 from helpers import ROOT, run_cli
+
+# The launchers run $PYTHON (default: `python` from PATH, maybe one without TensorFlow): pass this
+# interpreter, so the suite works from any virtual environment without activating it.
+LAUNCH_ENV = {**os.environ, "PYTHON": sys.executable}
 
 TINY = ["--hidden_dim=16", "--depth=1", "--kernel_size=3", "--patch_size=2", "--image_size=8",
         "--global_batch_size=16", "--steps_per_loop=3", "--synthetic_train_size=128",
@@ -20,7 +25,8 @@ def _checksums(text):
 def test_two_workers_train_like_two_mirrored_replicas(tmp_path):
     model_dir = tmp_path / "mw"
     result = subprocess.run(["bash", "launch/local.sh", "2", f"--model_dir={model_dir}", *TINY,
-                             "--train_steps=6"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+                             "--train_steps=6"], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                            env=LAUNCH_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     logs = [(model_dir / "logs" / f"worker-{i}.log").read_text() for i in (0, 1)]
     (sha0, abs0), (sha1, abs1) = _checksums(logs[0])[0], _checksums(logs[1])[0]
@@ -63,7 +69,7 @@ def test_killing_a_worker_stops_the_run_and_a_rerun_resumes(tmp_path):
     args = ["bash", "launch/local.sh", "2", f"--model_dir={model_dir}", *TINY, "--train_steps=400",
             "--checkpoint_every_steps=6", "--log_every_steps=3"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=LAUNCH_ENV)
     log1 = model_dir / "logs" / "worker-1.log"
     deadline = time.time() + 120
     while not (model_dir / "checkpoints" / "ckpt-12.index").exists():
@@ -82,6 +88,6 @@ def test_killing_a_worker_stops_the_run_and_a_rerun_resumes(tmp_path):
 
     resumed = subprocess.run(["bash", "launch/local.sh", "2", f"--model_dir={model_dir}", *TINY,
                               "--train_steps=18", "--checkpoint_every_steps=6"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=180)
+                             cwd=ROOT, capture_output=True, text=True, timeout=180, env=LAUNCH_ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed from" in resumed.stdout

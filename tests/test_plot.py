@@ -84,3 +84,26 @@ def test_command_on_empty_dir_exits_2_with_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"error: --model_dir={tmp_path}: no TensorBoard event files "
                      "(events.out.tfevents.*) under it; train first or point at the run's directory"]
+
+
+def test_output_may_be_an_existing_directory_or_a_name_without_extension(model_dir, tmp_path):
+    (tmp_path / "figures").mkdir()
+    written = plot.plot_model_dir(model_dir, str(tmp_path / "figures"))
+    assert written == str(tmp_path / "figures" / "training_curves.png") and os.path.getsize(written) > 0
+    bare = plot.plot_model_dir(model_dir, str(tmp_path / "curves"))
+    assert bare == str(tmp_path / "curves") and os.path.isfile(bare)  # exactly that name
+    assert not os.path.exists(str(tmp_path / "curves.png"))
+
+
+def test_an_unwritable_output_is_refused_before_reading_the_events(tmp_path):
+    # /sys refuses new files even to root; the model directory is not even looked at first.
+    with pytest.raises(UsageError, match=r"^--output=/sys/kernel/curves.png: /sys/kernel is not writable"):
+        plot.plot_model_dir(str(tmp_path / "no_such_run"), "/sys/kernel/curves.png")
+
+
+def test_command_with_a_missing_flagfile_exits_2_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "convmixer_dist.commands.plot", f"--flagfile={tmp_path}/missing"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "missing" in lines[0], result.stderr

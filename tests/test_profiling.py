@@ -62,3 +62,14 @@ def test_profiler_server_listens_on_the_requested_port(tmp_path):
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("localhost", port))
+
+
+def test_a_profile_window_beyond_the_run_is_an_error_or_a_warning():
+    from convmixer_dist.errors import UsageError
+    from convmixer_dist.profiling import check_profile_window
+
+    assert check_profile_window(None, 2) is None and check_profile_window((0, 2), 2) is None
+    with pytest.raises(UsageError, match=r"--profile_steps=100,200: the run has 2 steps"):
+        check_profile_window((100, 200), 2)  # nothing would be captured: refused before training
+    warning = check_profile_window((1, 200), 2)  # truncated: profiled up to the last step
+    assert warning.startswith("warning: --profile_steps=1,200 ends after the run's 2 steps")

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from convmixer_dist import strategy as strategy_lib, train
+from convmixer_dist.errors import UsageError
 from helpers import ROOT, run_cli, tiny_config
 
 # Deterministic tiny run: 4 epochs x 8 steps, a progress line and a checkpoint every 2 steps.
@@ -105,18 +106,75 @@ def test_nan_rollback_restores_and_lowers_learning_rate(tmp_path, capsys):
     assert "rolled back to" in capsys.readouterr().out
 
 
-def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, capsys):
-    _in_process(tiny_config(str(tmp_path), train_steps=6))
-    ckpt_dir = tmp_path / "checkpoints"
+def _files(directory) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+def _garbage_index(ckpt_dir):
+    (ckpt_dir / "checkpoint").write_text("garbage\n")
+
+
+def _empty_index(ckpt_dir):
+    (ckpt_dir / "checkpoint").write_bytes(b"")
+
+
+def _truncated_newest(ckpt_dir):
     # A crash between files: the newest checkpoint's data is truncated, and a half-written
     # temporary save lies beside it.
     data_file = next(ckpt_dir.glob("ckpt-6.data-*"))
     data_file.write_bytes(data_file.read_bytes()[:10])
     (ckpt_dir / "ckpt-8_temp").mkdir()
     (ckpt_dir / "ckpt-8_temp" / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"\0" * 7)
-    summary = _in_process(tiny_config(str(tmp_path), train_steps=9))
-    assert summary["resumed_from"].endswith("ckpt-3") and summary["steps"] == 9
-    assert "ckpt-6 is unusable" in capsys.readouterr().err
+
+
+def _all_empty(ckpt_dir):
+    for path in ckpt_dir.glob("ckpt-*"):
+        if path.is_file():
+            path.write_bytes(b"")
+
+
+@pytest.fixture(scope="module")
+def six_step_run(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("six") / "run"
+    _in_process(tiny_config(str(model_dir), train_steps=6, keep_checkpoints=10))
+    return model_dir
+
+
+@pytest.mark.parametrize("damage,resumed_at,warning", [
+    (_garbage_index, 6, "rebuilt it from the 3 checkpoint(s)"),
+    (_empty_index, 6, "rebuilt it from the 3 checkpoint(s)"),
+    (_truncated_newest, 3, "unusable checkpoint(s) ckpt-6 (IndexError); resumed from ckpt-3; "
+                           "kept as unusable-ckpt-6.*"),
+    (_all_empty, None, None),
+])
+def test_damaged_checkpoints_fall_back_and_nothing_is_overwritten_or_lost(
+        six_step_run, tmp_path, capsys, damage, resumed_at, warning):
+    import shutil
+
+    model_dir = tmp_path / "run"
+    shutil.copytree(six_step_run, model_dir)
+    damage(model_dir / "checkpoints")
+    before = _files(model_dir / "checkpoints")
+    config = tiny_config(str(model_dir), train_steps=9, keep_checkpoints=10)
+    if resumed_at is None:  # nothing usable: one error, nothing touched (no fresh start on top)
+        with pytest.raises(UsageError, match=r"no usable checkpoint in .*ckpt-6 \(\w+\), ckpt-3 "
+                                             r"\(\w+\), ckpt-0 \(\w+\); pass --overwrite"):
+            _in_process(config)
+        assert _files(model_dir / "checkpoints") == before
+        assert capsys.readouterr().err == ""
+        return
+    summary = _in_process(config)
+    assert summary["resumed_from"].endswith(f"ckpt-{resumed_at}") and summary["steps"] == 9
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and warning in err, err
+    after = _files(model_dir / "checkpoints")
+    # Every byte of every earlier checkpoint file is still there, under its name or set aside.
+    for name, content in before.items():
+        if name == "checkpoint":
+            continue  # the index (rewritten by every save), not a checkpoint
+        kept = [n for n in after if n == name or n.startswith(("unusable-" + name, name + ".damaged-"))]
+        assert any(after[n] == content for n in kept), name
+    assert tf.train.latest_checkpoint(str(model_dir / "checkpoints")).endswith("ckpt-9")
 
 
 def test_resume_with_other_model_flags_is_refused_and_overwrite_moves_aside(tmp_path):

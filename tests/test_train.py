@@ -209,3 +209,14 @@ def test_accumulated_run_resumes_to_the_same_weights(tmp_path):
     resumed, _ = _train(tiny_config(str(tmp_path / "resumed"), **common))
     assert resumed["resumed_from"].endswith("ckpt-3") and resumed["steps"] == straight["steps"] == 6
     assert resumed["weights_sha256"] == straight["weights_sha256"]
+
+
+def test_throughput_logs_each_window_and_keeps_the_run_average():
+    counters = train.Counters()
+    assert counters.window_rate(fallback=10.0) == 10.0  # only the untimed (compiling) call so far
+    counters.add_timed(100, 0.1)
+    counters.add_timed(100, 0.1)
+    assert counters.window_rate(fallback=0.0) == pytest.approx(1000.0)
+    counters.add_timed(100, 1.0)  # a slowdown: the window (TensorBoard) shows it at once ...
+    assert counters.window_rate(fallback=0.0) == pytest.approx(100.0)
+    assert counters.images_per_sec == pytest.approx(300 / 1.2)  # ... the run average lags

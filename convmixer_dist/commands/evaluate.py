@@ -138,6 +138,9 @@ def evaluate_run(config: Config, checkpoint: str | None = None, out: TextIO = sy
     JSON payload."""
     from convmixer_dist import rundir
 
+    report_path = os.path.join(config.model_dir, REPORT_FILE)
+    for output in (report_path, os.path.join(config.model_dir, CONFUSION_FILE)):
+        rundir.ensure_writable_file(output, f"--model_dir={config.model_dir}")  # before the work
     path = saved_run.checkpoint_path(config.model_dir, checkpoint)
     model, step = saved_run.restore_model(config, path)
     names = saved_run.class_names(config, config.model_dir)
@@ -156,7 +159,6 @@ def evaluate_run(config: Config, checkpoint: str | None = None, out: TextIO = sy
                                                   metrics["per_class_accuracy"])],
         "confusion_matrix": metrics["confusion_matrix"].tolist(),
     }
-    report_path = os.path.join(config.model_dir, REPORT_FILE)
     rundir.write_json(report_path, report)
     png = plot_confusion(metrics["confusion_matrix"], names, os.path.join(config.model_dir, CONFUSION_FILE),
                          f"{config.model} on {config.dataset}: top-1 {metrics['top1_accuracy']:.4f}")

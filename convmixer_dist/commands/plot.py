@@ -138,15 +138,23 @@ def plot_scalars(scalars: Scalars, output: str, title: str = "") -> str:
     fig.tight_layout()
     directory = os.path.dirname(os.path.abspath(output))
     os.makedirs(directory, exist_ok=True)
-    fig.savefig(output, dpi=100)
+    fig.savefig(output, dpi=100, format="png")  # exactly `output` (no ".png" appended)
     plt.close(fig)
     return output
 
 
 def plot_model_dir(model_dir: str, output: str | None = None) -> str:
-    """Read model_dir's scalars and write the PNG (default model_dir/training_curves.png)."""
-    scalars = read_scalars(model_dir)
+    """Read model_dir's scalars and write the PNG (default model_dir/training_curves.png; an
+    existing directory as `output` receives training_curves.png). The output is checked writable
+    before the event files are read."""
+    from convmixer_dist import rundir
+
     output = output or os.path.join(model_dir, DEFAULT_OUTPUT)
+    if os.path.isdir(output):
+        output = os.path.join(output, DEFAULT_OUTPUT)
+    if "://" not in output:
+        rundir.ensure_writable_file(output, f"--output={output}")
+    scalars = read_scalars(model_dir)
     return plot_scalars(scalars, output, title=os.path.basename(os.path.normpath(model_dir)))
 
 

@@ -8,7 +8,6 @@ Needs only TensorFlow, not the training code.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import types
@@ -37,10 +36,14 @@ def load_classifier(model: str):
     probabilities. (Keep the loaded object: its variables die with it, even if `serve` is kept.)"""
     import tensorflow as tf
 
+    from convmixer_dist import image_folder
+
     saved_model, names_path = _check_model_dir(model)
-    with open(names_path) as f:
-        names = json.load(f)
+    names = image_folder.read_class_names(names_path)
     loaded = tf.saved_model.load(saved_model)
+    # The probabilities of a small black image (any size is resized): one per class the model knows.
+    classes = int(loaded.serve(tf.zeros([1, 8, 8, 3], tf.uint8)).shape[-1])
+    image_folder.read_class_names(names_path, classes)
     return loaded, names
 
 

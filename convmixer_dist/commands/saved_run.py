@@ -74,7 +74,7 @@ def checkpoint_path(model_dir: str, checkpoint: str | None = None) -> str:
             raise UsageError(f"--checkpoint={checkpoint}: no such checkpoint (expected a prefix like "
                              f"{checkpoint_lib.checkpoint_dir(model_dir)}/ckpt-N, without .index)")
         return checkpoint
-    latest = tf.train.latest_checkpoint(checkpoint_lib.checkpoint_dir(model_dir))
+    latest = checkpoint_lib.latest_checkpoint(checkpoint_lib.checkpoint_dir(model_dir))
     if not latest:
         raise UsageError(f"--model_dir={model_dir}: no checkpoint in "
                          f"{checkpoint_lib.checkpoint_dir(model_dir)}; train first")

@@ -71,7 +71,7 @@ def main(args: list[str], f: types.SimpleNamespace) -> None:
     if args:
         raise UsageError(f"unexpected arguments {args}")
     config = cli.config_from_flags()
-    rundir.ensure_writable_dir(os.path.dirname(os.path.abspath(f.output)), f"--output={f.output}")
+    rundir.ensure_writable_file(f.output, f"--output={f.output}")
     from convmixer_dist.runtime import quiet_tensorflow_import
 
     quiet_tensorflow_import()  # augment imports TensorFlow; its import-time logs would precede errors.

@@ -341,7 +341,7 @@ def validate_benchmark_flags(config, opts) -> list[tuple[str, object]]:
         raise UsageError("--variants are compared with the input-excluded run: add excluded to --pipeline")
     if opts.peak_tflops < 0:
         raise UsageError(f"--peak_tflops={opts.peak_tflops}: expected >= 0")
-    rundir.ensure_writable_dir(os.path.dirname(os.path.abspath(opts.output)), f"--output={opts.output}")
+    rundir.ensure_writable_file(opts.output, f"--output={opts.output}")
     return variants
 
 
