@@ -40,6 +40,9 @@ NATIVE_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32}
 
 
 MODELS = tuple(sorted(PRESETS))
+# Former flag names still accepted (on the command line, in flagfiles and in older runs' flags.txt):
+# the splits are train / validation / test everywhere, and "eval" used to mean the test split.
+RENAMED_SETTINGS = {"synthetic_eval_size": "synthetic_test_size"}
 INT_LIMIT = 2 ** 31  # Step counts, sizes and seeds become int32/int64 TensorFlow values.
 
 
@@ -132,14 +135,15 @@ def flag_text(value) -> str:
 
 
 def read_flagfile(path: str) -> dict[str, str]:
-    """`--name=value` lines of a flagfile written by `Config.to_flagfile` (comments skipped)."""
+    """`--name=value` lines of a flagfile written by `Config.to_flagfile` (comments skipped); a
+    setting's former name (`RENAMED_SETTINGS`, in flags.txt of older runs) reads as its current one."""
     values = {}
     with open(path) as f:
         for line in f:
             line = line.strip()
             if line.startswith("--") and "=" in line:
                 name, value = line[2:].split("=", 1)
-                values[name] = value
+                values[RENAMED_SETTINGS.get(name, name)] = value
     return values
 
 
@@ -193,7 +197,8 @@ class Config:
     num_classes: int = setting(10, "Classes of --dataset=synthetic.", bounds=(2, 1_000_000, "[]"))
     synthetic_train_size: int = setting(10000, "Training examples per epoch of synthetic data.",
                                         bounds=(1, INT_LIMIT, "[)"))
-    synthetic_eval_size: int = setting(1000, "Evaluation examples of synthetic data.",
+    synthetic_test_size: int = setting(1000, "Test-split examples of synthetic data (formerly "
+                                       "--synthetic_eval_size, still accepted).",
                                        bounds=(1, INT_LIMIT, "[)"))
     augment: str = setting("basic", "basic = random crop with 4px padding (scaled with image size) + "
                            "horizontal flip; rrc = the reference recipe's random resized crop (area >= "
@@ -329,7 +334,7 @@ class Derived:
 def dataset_sizes(config: Config) -> tuple[int, int]:
     """(train, eval) example counts of the configured dataset."""
     if config.dataset == "synthetic":
-        return config.synthetic_train_size, config.synthetic_eval_size
+        return config.synthetic_train_size, config.synthetic_test_size
     return DATASET_SIZES[config.dataset]
 
 

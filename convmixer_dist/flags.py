@@ -41,6 +41,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
             flags.DEFINE_enum(field.name, default, meta["choices"], meta["help"], flag_values=flag_values)
         else:
             _DEFINE[cfg.setting_type(field)](field.name, default, meta["help"], flag_values=flag_values)
+    for old, new in cfg.RENAMED_SETTINGS.items():
+        if old not in flag_values:
+            flags.DEFINE_alias(old, new, flag_values=flag_values)
 
 
 def validate(c: cfg.Config) -> None:

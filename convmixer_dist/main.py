@@ -66,7 +66,7 @@ def main(args: list[str], opts: types.SimpleNamespace) -> dict:
           flush=True)
     if chief:
         rundir.write_json(os.path.join(config.model_dir, "summary.json"), summary)
-        print(f"Done: eval accuracy {summary['eval_accuracy']:.4f}, {summary['steps']} steps; "
+        print(f"Done: test accuracy {summary['test_accuracy']:.4f}, {summary['steps']} steps; "
               f"summary in {os.path.join(config.model_dir, 'summary.json')}", flush=True)
     return summary
 

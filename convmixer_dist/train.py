@@ -427,12 +427,13 @@ def create_savers(strategy, config: Config, chief: bool, checkpoint) -> tuple[Ch
 
 
 def create_writers(config: Config, chief: bool, validation: bool) -> dict:
-    """TensorBoard writers train/eval/validation (chief only; no-op writers elsewhere)."""
+    """TensorBoard writers train/validation/test (chief only; no-op writers elsewhere). Runs written
+    before the test split's run was named `test` have it under `eval/`; `plot` reads both as one."""
     def writer(name: str, enabled: bool = True):
         if chief and enabled:
             return tf.summary.create_file_writer(os.path.join(config.model_dir, name))
         return tf.summary.create_noop_writer()
-    return {"train": writer("train"), "eval": writer("eval"), "validation": writer("validation", validation)}
+    return {"train": writer("train"), "test": writer("test"), "validation": writer("validation", validation)}
 
 
 def create_profile_window(config: Config, chief: bool) -> ProfileWindow:
@@ -677,13 +678,13 @@ def log_train(loop: Loop, state: TrainState, step: int, epoch: int, window, lr: 
 
 
 def run_evaluation(loop: Loop, step: int, epoch: int, validation: bool = False) -> dict:
-    """Evaluate the validation or the test split; a line and the eval/validation summaries."""
+    """Evaluate the validation or the test split; a line and the validation/test summaries."""
     loop.sync_bn_statistics()
     metrics = evaluate(loop.eval_step, loop.inputs.val_dataset if validation else loop.inputs.eval_dataset)
-    _say(loop.chief, f"epoch {epoch + 1}/{loop.derived.epochs} {'validation' if validation else 'eval'} "
+    _say(loop.chief, f"epoch {epoch + 1}/{loop.derived.epochs} {'validation' if validation else 'test'} "
                      f"loss {metrics['loss']:.4f} acc {metrics['accuracy']:.4f} "
                      f"top5 {metrics['top5_accuracy']:.4f} ({metrics['examples']} examples)")
-    with loop.writers["validation" if validation else "eval"].as_default(step=step):
+    with loop.writers["validation" if validation else "test"].as_default(step=step):
         for key in ("loss", "accuracy", "top5_accuracy"):
             tf.summary.scalar(key, metrics[key])
     return metrics
@@ -719,7 +720,7 @@ def build_summary(config: Config, derived: Derived, eval_metrics: dict, epoch_to
             "top5_accuracy": eval_metrics["top5_accuracy"], "examples": eval_metrics["examples"]}
     return {
         **{f"test_{key}": value for key, value in test.items()},
-        # The same test-split numbers under their older names (the TensorBoard run is still "eval").
+        # The same test-split numbers under their older names, for scripts written against them.
         **{f"eval_{key}": value for key, value in test.items()},
         "train_loss": loss_sum / count if count else None,
         "train_accuracy": correct / count if count else None,

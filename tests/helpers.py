@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_config(model_dir: str, **overrides) -> Config:
     """A ConvMixer small enough to train a few steps in about a second on CPU."""
     base = dict(hidden_dim=16, depth=2, kernel_size=3, patch_size=2, image_size=8, num_classes=4,
-                dataset="synthetic", synthetic_train_size=256, synthetic_eval_size=100,
+                dataset="synthetic", synthetic_train_size=256, synthetic_test_size=100,
                 global_batch_size=32, train_steps=6, steps_per_loop=3, checkpoint_every_steps=3,
                 learning_rate=0.01, model_dir=model_dir, seed=1)
     base.update(overrides)

@@ -15,7 +15,7 @@ from helpers import run_cli
 
 TINY = ["--hidden_dim=16", "--depth=1", "--kernel_size=3", "--patch_size=2", "--image_size=8",
         "--global_batch_size=32", "--train_steps=2", "--steps_per_loop=2",
-        "--synthetic_train_size=64", "--synthetic_eval_size=32"]
+        "--synthetic_train_size=64", "--synthetic_test_size=32"]
 
 
 def corrupt_cifar(tmp):

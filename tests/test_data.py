@@ -80,7 +80,7 @@ def test_basic_augment_keeps_shape_dtype_and_is_seeded():
 
 
 def test_mirrored_eval_covers_every_example_exactly_once(tmp_path):
-    config = tiny_config(str(tmp_path), strategy="mirrored", cpu_replicas=2, synthetic_eval_size=37,
+    config = tiny_config(str(tmp_path), strategy="mirrored", cpu_replicas=2, synthetic_test_size=37,
                          global_batch_size=8)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     derived = derive(config, 2)

@@ -41,7 +41,9 @@ def test_every_config_field_is_a_flag_with_help_and_the_fields_default():
             assert flag.default == field.default, field.name
         if field.metadata["choices"] is not None:
             assert isinstance(flag, flags.EnumFlag) and list(field.metadata["choices"]) == flag.parser.enum_values
-    assert {f.name for f in cfg.settings()} == set(_fresh_flags()) - set(flags.FlagValues())
+    # The flags are exactly the fields, plus the former names of renamed ones (aliases).
+    assert ({f.name for f in cfg.settings()} | set(cfg.RENAMED_SETTINGS)
+            == set(_fresh_flags()) - set(flags.FlagValues()))
 
 
 def test_flags_txt_round_trips_every_field(tmp_path):
@@ -75,6 +77,20 @@ def test_preset_overrides_resolve_and_a_written_run_reopens_identically(tmp_path
     config = cli.config_from_flags(flag_values)
     assert (config.hidden_dim, config.depth, config.patch_size, config.activation) == (768, 4, 7, "relu")
     (tmp_path / "flags.txt").write_text(config.to_flagfile())
+    assert saved_run.load_run_config(str(tmp_path)) == config
+
+
+def test_a_renamed_setting_keeps_its_former_name_on_the_command_line_and_in_old_runs(tmp_path):
+    # "eval" used to mean the test split: --synthetic_eval_size is now --synthetic_test_size.
+    flag_values = _fresh_flags()
+    flag_values(["main", "--synthetic_eval_size=7"])
+    assert cli.config_from_flags(flag_values).synthetic_test_size == 7
+    assert cli.overrides_from_flags(flag_values)["synthetic_test_size"] == "7"
+    # flags.txt of a run written before the rename reopens with the new name.
+    config = cfg.Config(model_dir=str(tmp_path), synthetic_test_size=9)
+    (tmp_path / "flags.txt").write_text(config.to_flagfile().replace("--synthetic_test_size=",
+                                                                     "--synthetic_eval_size="))
+    assert "--synthetic_eval_size=9" in (tmp_path / "flags.txt").read_text()
     assert saved_run.load_run_config(str(tmp_path)) == config
 
 

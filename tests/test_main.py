@@ -23,7 +23,7 @@ def test_quickstart_trains_above_chance_writes_outputs_and_resumes(tmp_path):
     for key in ("eval_loss", "train_loss", "epochs", "wall_seconds", "precision", "model"):
         assert key in summary
     assert glob.glob(os.path.join(model_dir, "train", "events.out.tfevents.*"))
-    assert glob.glob(os.path.join(model_dir, "eval", "events.out.tfevents.*"))
+    assert glob.glob(os.path.join(model_dir, "test", "events.out.tfevents.*"))
     assert os.path.exists(os.path.join(model_dir, "checkpoints", "ckpt-64.index"))
     assert "ETA" in result.stdout and "img/s" in result.stdout
 

@@ -15,7 +15,7 @@ LAUNCH_ENV = {**os.environ, "PYTHON": sys.executable}
 
 TINY = ["--hidden_dim=16", "--depth=1", "--kernel_size=3", "--patch_size=2", "--image_size=8",
         "--global_batch_size=16", "--steps_per_loop=3", "--synthetic_train_size=128",
-        "--synthetic_eval_size=40", "--sync_bn", "--collective_timeout=20", "--seed=5"]
+        "--synthetic_test_size=40", "--sync_bn", "--collective_timeout=20", "--seed=5"]
 
 
 def _checksums(text):
@@ -34,8 +34,8 @@ def test_two_workers_train_like_two_mirrored_replicas(tmp_path):
 
     # Only the chief wrote outputs; the non-chief's temporary checkpoint directory is gone.
     assert sorted(p.name for p in model_dir.iterdir()) == [
-        "checkpoints", "eval", "flags.txt", "logs", "summary.json", "train"]
-    assert "epoch 1/1 eval" in logs[0] and "eval loss" not in logs[1]
+        "checkpoints", "flags.txt", "logs", "summary.json", "test", "train"]
+    assert "epoch 1/1 test" in logs[0] and "test loss" not in logs[1]
     summary = json.loads((model_dir / "summary.json").read_text())
     assert summary["num_replicas"] == 2 and summary["strategy"] == "multi_worker"
 

@@ -43,6 +43,8 @@ def model_dir(tmp_path):
                images_per_sec=[900.0, 1000.0, 1010.0, 990.0])
     _write_run(os.path.join(root, "eval"), [10, 30], loss=[1.6, 1.0], accuracy=[0.38, 0.66])
     _write_simple_value(os.path.join(root, "eval"), "top5_accuracy", 30, 0.95)
+    # The test split's run was called eval/ before; a resumed old run adds test/: one series.
+    _write_run(os.path.join(root, "test"), [40], loss=[0.9], accuracy=[0.7])
     # A resumed job: a second event file in train/ re-logging step 30 (later write wins) and step 40.
     _write_run(os.path.join(root, "train"), [30, 40], loss=[0.85, 0.8])
     tf.summary.text("notes", "a text summary is not a scalar", step=0)  # no default writer: no-op
@@ -51,13 +53,13 @@ def model_dir(tmp_path):
 
 def test_reads_tensor_and_simple_value_scalars_and_merges_resumed_runs(model_dir):
     scalars = plot.read_scalars(model_dir)
-    assert set(scalars) == {"train", "eval"}
+    assert set(scalars) == {"train", "test"}
     assert set(scalars["train"]) == {"loss", "accuracy", "learning_rate", "images_per_sec"}
     steps, losses = zip(*scalars["train"]["loss"])
     assert steps == (0, 10, 20, 30, 40)
     np.testing.assert_allclose(losses, [2.3, 1.5, 1.1, 0.85, 0.8], rtol=1e-6)
-    assert scalars["eval"]["top5_accuracy"] == [(30, pytest.approx(0.95))]
-    np.testing.assert_allclose([v for _, v in scalars["eval"]["accuracy"]], [0.38, 0.66], rtol=1e-6)
+    assert scalars["test"]["top5_accuracy"] == [(30, pytest.approx(0.95))]
+    np.testing.assert_allclose([v for _, v in scalars["test"]["accuracy"]], [0.38, 0.66, 0.7], rtol=1e-6)
 
 
 def test_writes_a_png_with_a_panel_per_tag(model_dir, tmp_path):

@@ -17,7 +17,7 @@ from helpers import ROOT, run_cli, tiny_config
 
 # Deterministic tiny run: 4 epochs x 8 steps, a progress line and a checkpoint every 2 steps.
 RUN = ["--hidden_dim=16", "--depth=2", "--kernel_size=3", "--patch_size=2", "--image_size=8",
-       "--num_classes=4", "--synthetic_train_size=256", "--synthetic_eval_size=2000",
+       "--num_classes=4", "--synthetic_train_size=256", "--synthetic_test_size=2000",
        "--global_batch_size=32", "--epochs=4", "--steps_per_loop=1", "--log_every_steps=1",
        "--checkpoint_every_steps=2", "--dropout_rate=0.1", "--deterministic", "--seed=3"]
 NOT_REPRODUCIBLE = {"wall_seconds", "images_per_sec", "resumed_from"}
@@ -181,7 +181,7 @@ def test_resume_with_other_model_flags_is_refused_and_overwrite_moves_aside(tmp_
     model_dir = tmp_path / "run"
     tiny = ["--hidden_dim=16", "--depth=1", "--kernel_size=3", "--patch_size=2", "--image_size=8",
             "--global_batch_size=32", "--train_steps=2", "--steps_per_loop=2",
-            "--synthetic_train_size=64", "--synthetic_eval_size=32"]
+            "--synthetic_train_size=64", "--synthetic_test_size=32"]
     assert run_cli("convmixer_dist.main", *tiny, f"--model_dir={model_dir}").returncode == 0
     before = sorted(p.name for p in model_dir.iterdir())
     refused = run_cli("convmixer_dist.main", *tiny, "--hidden_dim=24", "--depth=2",

@@ -13,7 +13,7 @@ from helpers import ROOT
 
 # One tf.function call would run 10**6 steps (minutes): only an in-call stop check ends it early.
 RUN = ["--hidden_dim=16", "--depth=1", "--kernel_size=3", "--patch_size=2", "--image_size=8",
-       "--num_classes=4", "--synthetic_train_size=256", "--synthetic_eval_size=32",
+       "--num_classes=4", "--synthetic_train_size=256", "--synthetic_test_size=32",
        "--global_batch_size=32", "--train_steps=1000000", "--steps_per_loop=1000000",
        "--checkpoint_every_steps=1000000", "--log_every_steps=1000000"]
 

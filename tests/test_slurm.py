@@ -22,7 +22,7 @@ CLUSTER = os.path.join(ROOT, "launch", "testing", "slurm_cluster.sh")
 # where the uninterrupted one saves too: every save averages the replicas' BatchNorm moving
 # statistics, so a save the uninterrupted run does not make changes the last float32 bits.
 FLAGS = ["--flagfile=configs/quickstart.flags", "--hidden_dim=32", "--depth=2",
-         "--synthetic_train_size=1024", "--synthetic_eval_size=256", "--train_steps=32",
+         "--synthetic_train_size=1024", "--synthetic_test_size=256", "--train_steps=32",
          "--steps_per_loop=8", "--checkpoint_every_steps=8", "--deterministic",
          "--collective_timeout=30"]
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")

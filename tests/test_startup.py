@@ -17,7 +17,7 @@ from convmixer_dist import cluster, startup
 
 TINY = ["--strategy=multi_worker", "--hidden_dim=16", "--depth=1", "--kernel_size=3", "--patch_size=2",
         "--image_size=8", "--global_batch_size=16", "--train_steps=3", "--steps_per_loop=3",
-        "--synthetic_train_size=64", "--synthetic_eval_size=16"]
+        "--synthetic_train_size=64", "--synthetic_test_size=16"]
 
 
 def _free_ports(n):

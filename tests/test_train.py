@@ -45,7 +45,7 @@ def test_training_learns_and_reports_progress(tmp_path):
     summary, out = _train(config)
     assert summary["eval_accuracy"] > 0.5  # 4 classes: chance is 0.25
     assert summary["steps"] == 40 and summary["epochs"] == 2 and summary["eval_examples"] == 100
-    assert "img/s" in out and "ETA" in out and "eval loss" in out
+    assert "img/s" in out and "ETA" in out and "test loss" in out
 
 
 def test_rerun_resumes_from_checkpoint_and_continues_the_step_counter(tmp_path):

@@ -11,7 +11,7 @@ NUM_CLASSES = 4
 EVAL_SIZE = 100
 TRAIN_STEPS = 40
 FLAGS = ["--strategy=mirrored", "--cpu_replicas=2", "--dataset=synthetic", f"--num_classes={NUM_CLASSES}",
-         "--synthetic_train_size=640", f"--synthetic_eval_size={EVAL_SIZE}", "--hidden_dim=32", "--depth=2",
+         "--synthetic_train_size=640", f"--synthetic_test_size={EVAL_SIZE}", "--hidden_dim=32", "--depth=2",
          "--kernel_size=3", "--patch_size=4", "--image_size=16", "--global_batch_size=32",
          f"--train_steps={TRAIN_STEPS}", "--steps_per_loop=8", "--learning_rate=0.02", "--seed=1",
          # Synchronized BatchNorm keeps the replicas' moving statistics identical. Without it each

@@ -3,7 +3,8 @@
     python -m convmixer_dist.commands.plot --model_dir=runs/cifar10 [--output=curves.png]
 
 Every directory under --model_dir that holds `events.out.tfevents.*` files is a run, named by its
-path relative to --model_dir (`train`, `eval`, ...). All scalar tags are read, whether written by
+path relative to --model_dir (`train`, `validation`, `test`, ...); `eval/`, where runs written before
+the test split's run was named `test` keep it, is read as part of `test`. All scalar tags are read, whether written by
 TF2 `tf.summary.scalar` (a tensor) or as a TF1 `simple_value`; each tag gets one panel with a curve
 per run, `loss`, `accuracy` and `learning_rate` first. Several event files in one run (a resumed
 job) are merged; for a step logged twice the later write wins. The PNG goes to
@@ -25,6 +26,7 @@ from convmixer_dist.errors import UsageError
 EVENT_FILE_MARKER = "events.out.tfevents."
 DEFAULT_OUTPUT = "training_curves.png"
 FIRST_TAGS = ("loss", "accuracy", "top5_accuracy", "learning_rate")
+OLD_RUN_NAMES = {"eval": "test"}  # Older runs wrote the test split's events under eval/.
 
 # {run: {tag: [(step, value), ...] sorted by step}}
 Scalars = Dict[str, Dict[str, List[Tuple[int, float]]]]
@@ -42,7 +44,8 @@ def find_event_files(model_dir: str) -> dict[str, list[str]]:
         events = sorted(os.path.join(directory, f) for f in files if EVENT_FILE_MARKER in f)
         if events:
             rel = os.path.relpath(directory, model_dir)
-            runs[os.path.basename(os.path.normpath(model_dir)) if rel == "." else rel] = events
+            name = os.path.basename(os.path.normpath(model_dir)) if rel == "." else rel
+            runs.setdefault(OLD_RUN_NAMES.get(name, name), []).extend(events)
     return runs
 
 
