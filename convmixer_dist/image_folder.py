@@ -21,9 +21,8 @@ Corrupt files. Three layers, cheapest first:
      wraps the loop consuming the dataset and turns such an error into a UsageError naming the file(s),
      found by re-decoding with `ignore_errors` (only paid on the error path).
 
-Sharding is optional here: pass `shard=(num_shards, index)` to `image_folder_dataset` to keep every
-num_shards-th file (before shuffling and decoding, so each worker reads only its own files), or leave
-it None and shard in the caller.
+The training pipeline (data.py) reads and shards the file list itself and calls `decode_and_resize`
+(evaluation) or `decode_train_crop` (training) per example.
 """
 from __future__ import annotations
 
@@ -169,26 +168,6 @@ def decode_train_crop(path: tf.Tensor, seed, image_size: int, scale: Sequence[fl
                                            decode_crop)
 
 
-def image_folder_dataset(paths: Sequence[str], labels: Sequence[int], image_size: int,
-                         shuffle_seed: int | None = None, shard: tuple[int, int] | None = None,
-                         crop_fraction: float = 1.0,
-                         num_parallel_calls: int = tf.data.AUTOTUNE) -> tf.data.Dataset:
-    """Unbatched dataset of (uint8 [image_size, image_size, 3] image, int32 label), decoded in the
-    pipeline. `shard=(num_shards, index)` keeps this worker's files; `shuffle_seed` shuffles the file
-    list (full buffer, reshuffled every epoch) before decoding. Batching/repeat are the caller's."""
-    if len(paths) != len(labels):
-        raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
-    dataset = tf.data.Dataset.from_tensor_slices((tf.constant(list(paths), tf.string),
-                                                  tf.constant(list(labels), tf.int32)))
-    if shard is not None:
-        num_shards, index = shard
-        dataset = dataset.shard(num_shards, index)
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
-    return dataset.map(lambda path, label: (decode_and_resize(path, image_size, crop_fraction), label),
-                       num_parallel_calls=num_parallel_calls, deterministic=True)
-
-
 def find_undecodable(paths: Sequence[str]) -> list[str]:
     """The files tf.io.decode_image rejects (decodes every file once; for the error path)."""
     indices = tf.data.Dataset.range(len(paths))
@@ -202,7 +181,7 @@ def find_undecodable(paths: Sequence[str]) -> list[str]:
 
 @contextlib.contextmanager
 def reporting_corrupt_files(paths: Sequence[str]) -> Iterator[None]:
-    """Wrap the loop consuming an `image_folder_dataset`: a decode failure becomes a UsageError
+    """Wrap the loop consuming an image-folder pipeline: a decode failure becomes a UsageError
     naming the file (from the pipeline's signature check, else by re-decoding `paths`)."""
     try:
         yield

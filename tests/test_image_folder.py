@@ -1,5 +1,5 @@
 """image_folder: listing a generated JPEG/PNG tree, labels and class names, decoding and resizing,
-sharding, and one-line UsageErrors for broken trees and corrupt files."""
+and one-line UsageErrors for broken trees and corrupt files."""
 from __future__ import annotations
 
 import json
@@ -47,10 +47,16 @@ def test_lists_tree_with_sorted_classes_and_matching_labels(tmp_path):
         assert not any(p.endswith(".txt") for p in paths)
 
 
+def _decoded(paths, labels, image_size):
+    """The evaluation pipeline's per-example decode (data.py maps `decode_and_resize` the same way)."""
+    return tf.data.Dataset.from_tensor_slices((list(paths), list(labels))).map(
+        lambda path, label: (image_folder.decode_and_resize(path, image_size), label))
+
+
 def test_dataset_decodes_resizes_and_keeps_labels(tmp_path):
     root = _make_tree(tmp_path)
     splits, class_names = image_folder.list_image_folder_splits(root)
-    dataset = image_folder.image_folder_dataset(*splits["train"], image_size=16)
+    dataset = _decoded(*splits["train"], image_size=16)
     assert dataset.element_spec[0].shape == (16, 16, 3)
     seen = 0
     for image, label in dataset.as_numpy_iterator():
@@ -59,16 +65,6 @@ def test_dataset_decodes_resizes_and_keeps_labels(tmp_path):
         np.testing.assert_allclose(image.reshape(-1, 3).mean(0), COLORS[class_names[label]], atol=6)
         seen += 1
     assert seen == 9
-
-
-def test_shard_and_shuffle_cover_the_files_once(tmp_path):
-    root = _make_tree(tmp_path)
-    splits, _ = image_folder.list_image_folder_splits(root)
-    paths, labels = splits["train"]
-    shards = [list(image_folder.image_folder_dataset(paths, labels, 8, shuffle_seed=1, shard=(2, i))
-                   .map(lambda x, y: y).as_numpy_iterator()) for i in range(2)]
-    assert len(shards[0]) == 5 and len(shards[1]) == 4
-    assert sorted(shards[0] + shards[1]) == sorted(labels)
 
 
 @pytest.mark.parametrize("breakage,expected", [
@@ -113,7 +109,7 @@ def test_non_image_file_is_reported_up_front_by_name(tmp_path):
 
 def _consume(paths, labels):
     with image_folder.reporting_corrupt_files(paths):
-        for _ in image_folder.image_folder_dataset(paths, labels, 8):
+        for _ in _decoded(paths, labels, 8):
             pass
 
 
