@@ -208,14 +208,21 @@ def evaluate(eval_step: Callable, eval_dataset) -> dict:
 
 
 def weights_fingerprint(model: keras.Model) -> dict:
-    """Checksums of the weights: sha256 of the bytes (exact) and the sum of |w| (for tolerances)."""
-    digest = hashlib.sha256()
+    """Checksums of the weights: sha256 of the bytes (exact) and the sum of |w| (for tolerances),
+    and the sha256 of the trainable weights alone. Those are what training computes; the BatchNorm
+    moving statistics beside them are averaged across replicas at every save, so a save at an extra
+    step (a preemption) re-rounds their last bits without changing what is trained."""
+    digest, trainable_digest = hashlib.sha256(), hashlib.sha256()
+    trainable = {id(weight) for weight in model.trainable_weights}
     abs_sum = 0.0
     for weight in model.weights:
         value = np.asarray(keras.ops.convert_to_numpy(weight), dtype=np.float32)
         digest.update(value.tobytes())
+        if id(weight) in trainable:
+            trainable_digest.update(value.tobytes())
         abs_sum += float(np.abs(value.astype(np.float64)).sum())
-    return {"weights_sha256": digest.hexdigest(), "weights_abs_sum": abs_sum}
+    return {"weights_sha256": digest.hexdigest(), "weights_abs_sum": abs_sum,
+            "trainable_weights_sha256": trainable_digest.hexdigest()}
 
 
 def _format_eta(seconds: float) -> str:

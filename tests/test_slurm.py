@@ -114,11 +114,17 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_weights(slurm_env, tm
     assert "launch: USR1 (time limit near): asking the workers to save and stop" in output
     assert "exited 75 (preempted); requeueing job" in output
     assert "attempt 1 on" in output and "attempt 2 on" in output  # --open-mode=append kept both
-    assert re.search(r"Resumed from .*ckpt-(16|24) at step (16|24)/32", output)
+    # The workers stop within a step of the signal, wherever it lands (not at a call boundary).
+    resumed = re.search(r"Resumed from .*ckpt-(\d+) at step (\d+)/32", output)
+    assert resumed and resumed.group(1) == resumed.group(2) and 8 < int(resumed.group(1)) < 32, output[-4000:]
     summary = json.loads((model_dir / "summary.json").read_text())
     reference = json.loads((uninterrupted[2] / "summary.json").read_text())
     assert summary["steps"] == 32
-    assert summary["weights_sha256"] == reference["weights_sha256"]
+    # What training computes is bit for bit the uninterrupted run's; the BatchNorm moving statistics
+    # (averaged across replicas at every save, here once more at the preemption step) agree to
+    # float32 rounding.
+    assert summary["trainable_weights_sha256"] == reference["trainable_weights_sha256"]
+    assert summary["weights_abs_sum"] == pytest.approx(reference["weights_abs_sum"], rel=1e-7)
 
 
 def test_a_job_whose_second_task_dies_fails_fast_and_says_so(slurm_env, tmp_path):
