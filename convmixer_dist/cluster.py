@@ -6,16 +6,10 @@ MultiWorkerMirroredStrategy must be created before any other op.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from typing import Mapping
 
 SLURM_VARIABLES = ("SLURM_PROCID", "SLURM_STEP_NODELIST")
-
-
-def make_tf_config(hosts: list[str], index: int) -> str:
-    """TF_CONFIG for worker `index` of a cluster of `hosts` ("host:port"); worker 0 is the chief."""
-    return json.dumps({"cluster": {"worker": list(hosts)}, "task": {"type": "worker", "index": index}})
 
 
 def tasks(tf_config: dict) -> tuple[list[str], list[str], int]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,11 @@ import sys
 from convmixer_dist.config import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_tf_config(hosts: list[str], index: int) -> str:
+    """TF_CONFIG for worker `index` of a cluster of `hosts` ("host:port"), as launch/local.sh writes it."""
+    return json.dumps({"cluster": {"worker": list(hosts)}, "task": {"type": "worker", "index": index}})
 
 
 def tiny_config(model_dir: str, **overrides) -> Config:

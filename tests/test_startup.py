@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-from helpers import ROOT
+from helpers import ROOT, make_tf_config
 
 from convmixer_dist import cluster, startup
 
@@ -32,7 +32,7 @@ def _free_ports(n):
 
 def _start_worker(tmp_path, addresses, *flags):
     """Worker 0 of `addresses`, started through the real CLI; returns (process, addresses)."""
-    env = dict(os.environ, TF_CONFIG=cluster.make_tf_config(addresses, 0))
+    env = dict(os.environ, TF_CONFIG=make_tf_config(addresses, 0))
     return subprocess.Popen([sys.executable, "-m", "convmixer_dist.main", *TINY,
                              f"--model_dir={tmp_path / 'run'}", *flags], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
