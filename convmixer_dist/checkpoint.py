@@ -56,7 +56,9 @@ def read_index(directory: str) -> list[str] | None:
         logger.setLevel(level)
     if state is None:
         return None
-    return [os.path.abspath(os.path.join(directory, p)) for p in state.all_model_checkpoint_paths]
+    # TensorFlow has already joined relative entries to `directory`; joining again doubled a
+    # relative --model_dir (runs/x/checkpoints/runs/x/checkpoints/ckpt-N).
+    return [os.path.abspath(p) for p in state.all_model_checkpoint_paths]
 
 
 def latest_checkpoint(directory: str) -> str | None:
