@@ -118,10 +118,6 @@ class CheckpointSaver:
                 print(warning, file=sys.stderr, flush=True)
         self.manager = tf.train.CheckpointManager(checkpoint, self.directory, max_to_keep=keep)
 
-    def latest(self) -> str | None:
-        """Path of the chief's latest checkpoint, or None."""
-        return latest_checkpoint(self.main_dir)
-
     def candidates(self) -> list[str]:
         """Checkpoints to try, newest first: the index's, then any other ckpt-N on disk."""
         listed = list(reversed(read_index(self.main_dir) or []))
