@@ -53,6 +53,27 @@ def test_classify_by_layer_path_scope_and_type():
     assert {key: classify(*key) for key in cases} == cases
 
 
+def test_xla_calls_are_async_ops_with_an_xla_run_inside():
+    def event(event_name, ts, dur, tid=1, **args):
+        return {"ph": "X", "name": event_name, "ts": ts, "dur": dur, "pid": 7, "tid": tid, "args": args}
+
+    start = "ExecutorState::ProcessAsync::Start"
+    trace = {"traceEvents": [
+        event(start, 100, 50, name="w/block00_pointwise_act_1/PartitionedCall", kernel_type="PartitionedCall"),
+        event("CpuExecutable::ExecuteAsyncOnStream", 110, 30),
+        event(start, 300, 70, name="w/block00_pointwise_act_1/PartitionedCall", kernel_type="PartitionedCall"),
+        event("CpuExecutable::ExecuteAsyncOnStream", 310, 40),
+        event(start, 500, 90, name="w/IteratorGetNext", kernel_type="IteratorGetNext"),  # no XLA run
+        event(start, 700, 20, tid=2, name="w/other_thread", kernel_type="PartitionedCall"),
+        event("CpuExecutable::ExecuteAsyncOnStream", 705, 10, tid=3),  # another thread's run
+        {"ph": "i", "name": start, "ts": 0, "pid": 7, "tid": 1},
+    ]}
+    assert profile_report.xla_call_rows(trace) == [
+        OpRow("w/block00_pointwise_act_1/PartitionedCall", profile_report.XLA_CALL, "host", 2, pytest.approx(0.12))]
+    assert classify("w/StatefulPartitionedCall", profile_report.XLA_CALL) == "other"  # --xla=on's step
+    assert profile_report.xla_call_rows({}) == []
+
+
 def test_summarise_uses_device_ops_when_present_and_partitions_their_time():
     rows = [OpRow("a/block00_depthwise_conv_1/x", "DepthwiseConv2dNative", "device", 4, 6.0),
             OpRow("a/block00_pointwise_conv_1/x", "Conv2D", "device", 4, 3.0),
@@ -82,6 +103,19 @@ def test_report_of_a_captured_training_window(model_dir):
         ops = [op for op in report["top_ops"] if op["kind"] == kind]
         assert ops and all(kind in op["name"] and op["self_ms"] > 0 for op in ops)
         assert report["shares"][kind] > 0
+    # The default kernels on CPU: fused BatchNorm ops, and the XLA GELU calls (absent from the op
+    # table) read from the trace, forward and gradient of every activation layer.
+    assert any(op["type"].endswith("FusedBatchNormV3") and op["kind"] == "batch_norm"
+               for op in report["top_ops"])
+    assert report["shares"]["batch_norm"] > 0 and report["shares"]["activation"] > 0
+    calls = profile_report.xla_call_rows(profile_report.load_trace(paths))
+    layers = ("stem_act", "block00_depthwise_act", "block00_pointwise_act", "block01_depthwise_act",
+              "block01_pointwise_act")
+    for layer in layers:
+        mine = [row for row in calls if f"/{layer}" in row.name]
+        assert len(mine) == 2 and all(row.occurrences == 3 and row.self_ms > 0 for row in mine), calls
+        assert sum("/gradient/" in row.name for row in mine) == 1
+    assert {classify(row.name, row.type) for row in calls} == {"activation"}
     assert any("gradient_tape/" in op["name"] for op in report["top_ops"])  # backward ops counted
     assert sum(report["shares"].values()) == pytest.approx(100, abs=0.5)
     assert sum(report["kinds_ms"].values()) == pytest.approx(report["total_self_time_ms"], rel=1e-6)

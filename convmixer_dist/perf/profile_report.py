@@ -14,6 +14,11 @@ converters (xprof, what TensorBoard's Profile tab shows), not from walking the p
   lists at most 500 ops; the remainder, known from its cumulative-percent column, counts as `other`.
   On a GPU the device ops are used (`--side=auto`); on CPU everything runs on the host. Host self
   time sums over threads, so per step it can exceed the wall-clock step time.
+- XLA-compiled calls inside the step (the fused GELU of `--kernels=auto` on CPU): each runs as an
+  asynchronous function-call op that the op table leaves out. `trace_viewer` has them as
+  `ExecutorState::ProcessAsync::Start` events naming the op (its layer path), with the XLA run
+  (`CpuExecutable::ExecuteAsyncOnStream`) nested inside; each such call is added as a row of type
+  `XlaCall` with the call's duration as its self time (nothing inside it is in the op table).
 - Step time: `overview_page`'s average over step markers where it has one (GPU); on CPU it reports
   none, so the `train` step markers (`profiling.ProfileWindow`, one per step inside the window) are
   read from `trace_viewer` and averaged.
@@ -28,6 +33,7 @@ converters also cache their results there (ALL_HOSTS.op_stats_v2.pb), as TensorB
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import glob
 import json
@@ -69,7 +75,10 @@ _TYPE_KIND = [(re.compile(r"DepthwiseConv2dNative"), "depthwise_conv"),
 # Every op of a training step runs inside train_loop's `tf.range` loop (`while/...`); host ops
 # outside it are tf.data functions (map, generator). Checkpoint writes are not input.
 _TRAIN_LOOP = "while/"
-_NOT_INPUT_TYPES = re.compile(r"SaveV2|RestoreV2|MergeV2Checkpoints")
+_NOT_INPUT_TYPES = re.compile(r"SaveV2|RestoreV2|MergeV2Checkpoints|^XlaCall$")
+XLA_CALL = "XlaCall"  # Type of the rows standing for XLA-compiled calls (read from the trace).
+_ASYNC_OP = "ExecutorState::ProcessAsync::Start"
+_XLA_RUN = re.compile(r"^CpuExecutable::Execute")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,9 +158,15 @@ def load_op_stats(paths: list[str]) -> list[OpRow]:
     return rows
 
 
-def load_step_times(paths: list[str]) -> tuple[list[float], str | None]:
+def load_trace(paths: list[str]) -> dict:
+    """`trace_viewer`'s events ({"traceEvents": [...]}), or {} if the converter failed."""
+    trace, _ = _tool_json(paths, "trace_viewer")
+    return trace or {}
+
+
+def load_step_times(paths: list[str], trace: dict) -> tuple[list[float], str | None]:
     """Wall-clock ms of each profiled step and where they came from: `overview_page` (device step
-    times, GPU/TPU), else the step markers in `trace_viewer`; ([], None) if there are neither."""
+    times, GPU/TPU), else the step markers in `trace` (`trace_viewer`); ([], None) if neither."""
     tables, _ = _tool_json(paths, "overview_page")
     for table in tables or []:
         if float((table.get("p") or {}).get("steptime_ms_average", 0) or 0) > 0:
@@ -160,16 +175,39 @@ def load_step_times(paths: list[str]) -> tuple[list[float], str | None]:
             times = [float(s["stepTimeMs"]) for s in steps if s.get("stepTimeMs") is not None]
             if times:
                 return times, "overview_page"
-    trace, _ = _tool_json(paths, "trace_viewer")
     # Step markers are trace events carrying a step_num (Trace(..., step_num=..., _r=1)); with
     # several hosts each step has one marker per host, so steps are counted by number.
     by_step: dict[str, list[float]] = {}
-    for event in (trace or {}).get("traceEvents", []):
+    for event in trace.get("traceEvents", []):
         if event.get("ph") == "X" and "step_num" in (event.get("args") or {}):
             by_step.setdefault(event["args"]["step_num"], []).append(event["dur"] / 1e3)
     if not by_step:
         return [], None
     return [sum(d) / len(d) for d in by_step.values()], "trace_viewer step markers"
+
+
+def xla_call_rows(trace: dict) -> list[OpRow]:
+    """One XLA_CALL row per op name for the XLA-compiled calls in `trace`, which the op table omits.
+
+    A call is an `ExecutorState::ProcessAsync::Start` event (args: the op's `name`) with a
+    `CpuExecutable::Execute...` event of the same thread inside its time span; asynchronous ops
+    that run no XLA (iterators, collectives) are in the op table already and are not counted.
+    """
+    by_thread: dict[tuple, list[dict]] = {}
+    for event in trace.get("traceEvents", []):
+        if event.get("ph") == "X" and (event.get("name") == _ASYNC_OP or _XLA_RUN.match(event.get("name", ""))):
+            by_thread.setdefault((event.get("pid"), event.get("tid")), []).append(event)
+    calls: dict[str, list[float]] = {}
+    for events in by_thread.values():
+        runs = sorted(e["ts"] for e in events if e["name"] != _ASYNC_OP)
+        for e in events:
+            name = (e.get("args") or {}).get("name")
+            if e["name"] != _ASYNC_OP or not name:
+                continue
+            first_run = bisect.bisect_left(runs, e["ts"])
+            if first_run < len(runs) and runs[first_run] <= e["ts"] + e["dur"]:
+                calls.setdefault(name, []).append(e["dur"] / 1e3)
+    return [OpRow(name, XLA_CALL, "host", len(d), sum(d)) for name, d in sorted(calls.items())]
 
 
 # ------------------------------------------------------------------------------------ analysis
@@ -239,9 +277,10 @@ def summarise(rows: list[OpRow], top: int, side: str = "auto", step_times_ms: Se
     steps = len(step_times_ms)
     warnings = []
     if total > 0 and not any(kinds_ms[k] for k in MODEL_KINDS):
-        # Seen with --xla=on on CPU: the compiled forward/backward is not in the TF op table at all.
-        warnings.append("no op of the model's layers in the op table: XLA-compiled code (--xla=on) "
-                        "is missing from framework_op_stats on CPU; profile with --xla=off for layer times")
+        # Seen with --xla=on on CPU: the whole compiled step is one call with no layer in its name.
+        warnings.append("no op of the model's layers in the profile: with --xla=on the step is one "
+                        "XLA-compiled call that the profiler does not split by layer; profile with "
+                        "--xla=off for layer times")
     return {
         "device": side,
         "warnings": warnings,
@@ -260,8 +299,9 @@ def summarise(rows: list[OpRow], top: int, side: str = "auto", step_times_ms: Se
 
 def build_report(paths: list[str], top: int = 15, side: str = "auto") -> dict:
     """Read the profile's hosts through xprof and summarise them."""
-    rows = load_op_stats(paths)
-    step_times, source = load_step_times(paths)
+    trace = load_trace(paths)
+    rows = load_op_stats(paths) + xla_call_rows(trace)
+    step_times, source = load_step_times(paths, trace)
     report = {"profile": os.path.dirname(os.path.abspath(paths[0])),
               "xplane_files": [os.path.basename(p) for p in paths],
               "step_time_source": source}
