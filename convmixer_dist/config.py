@@ -183,9 +183,9 @@ class Config:
     sync_bn: bool = setting(False, "BatchNorm statistics over the global batch across replicas "
                             "(default: per replica, as PyTorch DataParallel/DDP without SyncBatchNorm).")
     kernels: str = setting("auto", "BatchNorm, GELU and depthwise-conv implementations: auto = the "
-                           "fastest measured per device (CPU: fused BatchNorm + XLA-fused GELU; GPU: fused "
-                           "BatchNorm), fused = also the folded depthwise filter gradient on CPU (and the "
-                           "GELU on GPU), keras = the plain Keras layers. Same variables and results.",
+                           "fastest measured per device (CPU: fused BatchNorm, XLA-fused GELU and the folded "
+                           "depthwise filter gradient; GPU: fused BatchNorm), fused = auto plus the fused "
+                           "GELU on GPU, keras = the plain Keras layers. Same variables and results.",
                            choices=KERNELS)
     # Data.
     dataset: str = setting("synthetic", "Training data.", choices=DATASETS)

@@ -39,7 +39,7 @@ def _value_and_grads(layer, x, training=True):
 
 def test_resolve_kernels_per_device():
     assert fused.resolve_kernels("keras", "cpu") == fused.KernelChoice()
-    assert fused.resolve_kernels("auto", "cpu") == fused.KernelChoice(fused_bn=True, exact_gelu=True)
+    assert fused.resolve_kernels("auto", "cpu") == fused.KernelChoice(True, True, True)
     assert fused.resolve_kernels("fused", "cpu") == fused.KernelChoice(True, True, True)
     assert fused.resolve_kernels("auto", "gpu") == fused.KernelChoice(fused_bn=True)
     assert not fused.resolve_kernels("fused", "gpu").folded_depthwise  # CPU-only trick
