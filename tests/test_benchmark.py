@@ -53,7 +53,7 @@ def test_variants_rerun_the_custom_loop_with_one_setting_changed(tmp_path):
     assert result["runs"]["custom_input_excluded"]["images_per_sec"] > 0
     ratios = result["variant_over_base"]
     assert set(ratios) == {"precision=mixed_bfloat16", "steps_per_loop=4", "kernels=keras"}
-    assert result["setup"]["kernels"] == "fused_bn+exact_gelu"  # auto on CPU
+    assert result["setup"]["kernels"] == "fused_bn+exact_gelu+folded_depthwise"  # auto on CPU
     assert result["runs"]["custom_input_excluded[kernels=keras]"]["kernels"] == "keras"
     # No --peak_tflops: float32 on CPU gets the computed vector peak, so every line has an MFU.
     assert "fp32 lanes" in result["peak_source"] and result["peak_tflops"] > 0
