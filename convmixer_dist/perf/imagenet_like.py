@@ -5,7 +5,7 @@ random-size images around 500x375, quality 90, with photo-like JPEG sizes.
 
 OUTPUT/train/n0000000C/*.JPEG (20 classes) and OUTPUT/val/... (100 images). Each image is a smooth
 random colour field plus mid-frequency and fine noise, so that entropy decoding costs about what it
-costs on photographs (72 KB per image on average with the defaults; ImageNet's is about 110 KB).
+costs on photographs (76 KB per image on average with the defaults; ImageNet's is about 110 KB).
 A quarter are portrait. Seeded: the same command writes the same files.
 """
 from __future__ import annotations
