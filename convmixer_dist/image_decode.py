@@ -102,11 +102,12 @@ def decode_random_crop(data: tf.Tensor, seed, image_size: int, scale: Sequence[f
 
 
 def center_crop(image: tf.Tensor, image_size: int, crop_fraction: float = 1.0) -> tf.Tensor:
-    """timm's evaluation transform on a decoded uint8 image: shorter side -> floor(image_size /
-    crop_fraction) (bicubic; the longer side keeps the aspect ratio, truncated as torchvision's
-    Resize), then the central image_size square (offsets rounded as torchvision's CenterCrop)."""
+    """timm's evaluation transform on a decoded uint8 image (HxWx3) or batch of images of one size
+    (NxHxWx3): shorter side -> floor(image_size / crop_fraction) (bicubic; the longer side keeps the
+    aspect ratio, truncated as torchvision's Resize), then the central image_size square (offsets
+    rounded as torchvision's CenterCrop)."""
     resize_short = math.floor(image_size / crop_fraction + 1e-6)
-    shape = tf.shape(image)[:2]
+    shape = tf.shape(image)[-3:-1]
     short = tf.reduce_min(shape)
     long_side = tf.cast(tf.cast(resize_short, tf.int64) * tf.cast(tf.reduce_max(shape), tf.int64)
                         // tf.cast(short, tf.int64), tf.int32)
@@ -115,5 +116,5 @@ def center_crop(image: tf.Tensor, image_size: int, crop_fraction: float = 1.0) -
     resized = resize_to(image, height, width)
     top = tf.cast(tf.round(tf.cast(height - image_size, tf.float32) / 2.0), tf.int32)
     left = tf.cast(tf.round(tf.cast(width - image_size, tf.float32) / 2.0), tf.int32)
-    crop = resized[top:top + image_size, left:left + image_size]
-    return tf.ensure_shape(crop, [image_size, image_size, 3])
+    crop = resized[..., top:top + image_size, left:left + image_size, :]
+    return tf.ensure_shape(crop, image.shape[:-3] + [image_size, image_size, 3])

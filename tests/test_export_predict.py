@@ -65,6 +65,28 @@ def test_reloaded_models_reproduce_the_checkpoint(exported):
     assert (saved.serve(tf.constant(upsized)).numpy().argmax(1) == expected[:2].argmax(1)).all()
 
 
+def test_image_file_runs_export_their_evaluation_transform(tmp_path):
+    """An image_folder/tfrecord run's export sees an image as `evaluate` does: timm's crop_pct
+    transform (image_decode.center_crop), then the normalization; also after a .keras round trip."""
+    from convmixer_dist import fused, image_decode
+    from convmixer_dist.model import build_convmixer
+
+    model = build_convmixer(hidden_dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3,
+                            image_size=IMAGE_SIZE, kernels=fused.KernelChoice(True, True, True))
+    mean, std = (120.0, 110.0, 100.0), (60.0, 61.0, 62.0)
+    classifier = export.build_serving_model(model, IMAGE_SIZE, mean, std, eval_crop_fraction=0.875)
+    images = np.random.default_rng(2).integers(0, 256, (3, 40, 56, 3), dtype=np.uint8)
+    cropped = image_decode.center_crop(tf.constant(images), IMAGE_SIZE, 0.875)
+    expected = tf.nn.softmax(model(data.normalize(cropped, mean, std), training=False)).numpy()
+    np.testing.assert_allclose(classifier(images).numpy(), expected, atol=1e-6)
+    path = str(tmp_path / "model.keras")
+    classifier.save(path)
+    np.testing.assert_allclose(keras.models.load_model(path)(images).numpy(), expected, atol=1e-6)
+    # Array datasets keep the bilinear centre square: different pixels for a non-square image.
+    plain = export.build_serving_model(model, IMAGE_SIZE, mean, std)
+    assert np.abs(plain(images).numpy() - expected).max() > 1e-4
+
+
 def test_export_refuses_a_foreign_output_directory(exported, tmp_path):
     model_dir, _, _ = exported
     (tmp_path / "precious.txt").write_text("not an export")

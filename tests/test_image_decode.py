@@ -120,3 +120,11 @@ def test_center_crop_is_timms_crop_pct_transform(height, width, fraction, resize
     full = image_decode.resize_to(image, *resized)
     top, left = offset
     np.testing.assert_array_equal(out.numpy(), full.numpy()[top:top + 224, left:left + 224])
+
+
+def test_center_crop_of_a_batch_crops_each_image_alike():
+    images = tf.constant(np.random.default_rng(1).integers(0, 255, (3, 90, 70, 3)), tf.uint8)
+    batched = image_decode.center_crop(images, 32, 0.875)
+    assert batched.shape == (3, 32, 32, 3)
+    for image, out in zip(images, batched):
+        np.testing.assert_array_equal(out.numpy(), image_decode.center_crop(image, 32, 0.875).numpy())

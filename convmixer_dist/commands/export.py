@@ -9,11 +9,18 @@ OUTPUT/
   class_names.json   index -> class name
   export.json        image size, normalization, source checkpoint and step
 
-Preprocessing is inside the model: an image that is not image_size x image_size is centre-cropped to
-a square and resized (bilinear) with keras.layers.Resizing; then keras.layers.Normalization applies
-the training pipeline's per-channel mean/std (0..255 scale); the ConvMixer's logits go through a
-float32 softmax. At the training size the resize is the identity, so the export reproduces the
-checkpoint's predictions on the evaluation pipeline's inputs.
+Preprocessing is inside the model and is the run's evaluation transform, so the export reproduces
+the checkpoint's predictions on what `evaluate` feeds it:
+- image-file runs (`--dataset=image_folder|tfrecord`): timm's crop_pct transform, the evaluation
+  pipeline's own function (`serving.EvalCenterCrop`: shorter side to image_size / eval_crop_fraction,
+  bicubic, central image_size square);
+- array datasets (CIFAR, synthetic), whose evaluation images already have the training size: an
+  image of another size is centre-cropped to a square and resized (bilinear) with
+  keras.layers.Resizing, the identity at the training size.
+Then keras.layers.Normalization applies the training pipeline's per-channel mean/std (0..255
+scale), and the ConvMixer's logits go through a float32 softmax. Reloading model.keras needs
+`convmixer_dist` importable (its layers are registered on import of `convmixer_dist.serving` and
+`convmixer_dist.fused`).
 """
 from __future__ import annotations
 
@@ -34,14 +41,26 @@ KERAS_FILE = "model.keras"
 INFO_FILE = "export.json"
 
 
-def build_serving_model(model, image_size: int, mean, std, name: str = "convmixer_classifier"):
-    """uint8 images of any size -> crop/resize -> normalize -> `model` -> float32 softmax."""
+IMAGE_FILE_DATASETS = ("image_folder", "tfrecord")  # evaluated through image_decode.center_crop
+
+
+def build_serving_model(model, image_size: int, mean, std, name: str = "convmixer_classifier",
+                        eval_crop_fraction: float | None = None):
+    """uint8 images of any size -> crop/resize -> normalize -> `model` -> float32 softmax.
+
+    `eval_crop_fraction` set: the image-file evaluation transform (`serving.EvalCenterCrop`); None:
+    centre square, bilinear resize (array datasets)."""
     import keras
     import numpy as np
 
+    from convmixer_dist import serving
+
     inputs = keras.Input((None, None, 3), dtype="uint8", name="images")
-    x = keras.layers.Resizing(image_size, image_size, interpolation="bilinear", crop_to_aspect_ratio=True,
-                              dtype="float32", name="resize")(inputs)
+    if eval_crop_fraction is None:
+        x = keras.layers.Resizing(image_size, image_size, interpolation="bilinear", crop_to_aspect_ratio=True,
+                                  dtype="float32", name="resize")(inputs)
+    else:
+        x = serving.EvalCenterCrop(image_size, eval_crop_fraction, dtype="float32", name="resize")(inputs)
     x = keras.layers.Normalization(mean=list(mean), variance=list(np.square(std)), dtype="float32",
                                    name="normalize")(x)
     # training=False is pinned here: keras.layers.Resizing's call defaults to training=True, which Keras
@@ -69,15 +88,20 @@ def export_run(config: Config, output: str, checkpoint: str | None = None,
     model, step = saved_run.restore_model(config, path)
     names = saved_run.class_names(config, config.model_dir)
     mean, std = saved_run.normalization(config)
-    serving = build_serving_model(model, config.image_size, mean, std)
+    image_files = config.dataset in IMAGE_FILE_DATASETS
+    classifier = build_serving_model(model, config.image_size, mean, std,
+                                     eval_crop_fraction=config.eval_crop_fraction if image_files else None)
     os.makedirs(output, exist_ok=True)
-    serving.save(os.path.join(output, KERAS_FILE))
-    serving.export(os.path.join(output, SAVED_MODEL_DIR), format="tf_saved_model", verbose=False)
+    classifier.save(os.path.join(output, KERAS_FILE))
+    classifier.export(os.path.join(output, SAVED_MODEL_DIR), format="tf_saved_model", verbose=False)
     image_folder.save_class_names(output, names)
     info = {"checkpoint": path, "step": step, "model": config.model, "dataset": config.dataset,
             "num_classes": config.num_classes, "image_size": config.image_size,
             "mean": list(mean), "std": list(std),
-            "input": "uint8 [N, H, W, 3], any N/H/W (centre-cropped to square, resized to image_size)",
+            "input": "uint8 [N, H, W, 3], any N/H/W " + (
+                f"(shorter side resized to image_size / {config.eval_crop_fraction:g} bicubic, central "
+                "image_size crop: the evaluation transform)" if image_files
+                else "(centre-cropped to square, resized to image_size, bilinear)"),
             "output": "float32 [N, num_classes] class probabilities"}
     rundir.write_json(os.path.join(output, INFO_FILE), info)
     print(f"exported {path} (step {step}) to {output}: {SAVED_MODEL_DIR}/, {KERAS_FILE}, "
