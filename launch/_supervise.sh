@@ -15,17 +15,27 @@ on_signal() {
 }
 trap on_signal INT TERM
 
-# supervise: wait for every worker; on the first failure stop the others.
+# supervise: wait for every worker; on the first failure stop the others. Other background jobs of
+# the caller (local.sh's `tail` of the chief's log) neither count as a worker nor end the wait.
 supervise() {
-  local remaining=${#pids[@]} failed=0 pid code i
-  while (( remaining > 0 )); do
+  local failed=0 pid code i worker
+  local -a waiting=("${pids[@]}")
+  while (( ${#waiting[@]} > 0 )); do
     code=0
     wait -n -p pid || code=$?
-    remaining=$((remaining - 1))
+    [[ -n ${pid:-} ]] || break  # no child left to wait for (-p unsets pid)
+    worker=0
+    for i in "${!waiting[@]}"; do
+      if [[ ${waiting[$i]} == "$pid" ]]; then unset 'waiting[i]'; worker=1; fi
+    done
+    (( worker )) || continue
+    waiting=("${waiting[@]}")
     if (( code != 0 && failed == 0 )); then
       failed=$code
       for i in "${!pids[@]}"; do
-        [[ ${pids[$i]} == "$pid" ]] && echo "launch: ${names[$i]} failed with exit code $code; stopping the other workers" >&2
+        if [[ ${pids[$i]} == "$pid" ]]; then
+          echo "launch: ${names[$i]} failed with exit code $code; stopping the other workers" >&2
+        fi
       done
       stop_all
     fi

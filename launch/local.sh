@@ -39,6 +39,7 @@ mkdir -p "$model_dir/logs"
 for ((i = 0; i < n; i++)); do
   tf_config="{\"cluster\": {\"worker\": [$hosts]}, \"task\": {\"type\": \"worker\", \"index\": $i}}"
   log="$model_dir/logs/worker-$i.log"
+  : >"$log"  # exists before `tail` below opens it
   printf '+ TF_CONFIG=%q %q -m convmixer_dist.main --strategy=multi_worker' "$tf_config" "$python_bin"
   printf ' %q' "$@"
   printf ' > %q 2>&1\n' "$log"
@@ -47,8 +48,10 @@ for ((i = 0; i < n; i++)); do
   names+=("worker $i (log: $log)")
 done
 tail -n +1 -f "$model_dir/logs/worker-0.log" --pid="${pids[0]}" &
+tail_pid=$!
 status=0
 supervise || status=$?
 sleep 0.2
+kill "$tail_pid" 2>/dev/null || true
 if (( status == 0 )); then echo "launch: all $n workers finished; logs in $model_dir/logs"; fi
 exit "$status"

@@ -76,6 +76,18 @@ def test_local_sh_gives_each_worker_its_tf_config_and_logs(tmp_path):
     assert "TF_CONFIG=" in result.stdout  # the exact command is echoed
 
 
+def test_local_sh_waits_for_every_worker_when_the_chief_ends_first(tmp_path):
+    # The launcher also runs `tail` on the chief's log, which ends with the chief: it must not count
+    # as a worker, or the launcher returns while worker 1 still runs (its last lines not yet written).
+    stub = _stub_python(tmp_path, 'case "$TF_CONFIG" in *\'"index": 1}\'*) sleep 3; echo late line;; esac\n'
+                                  "echo worker done\n")
+    model_dir = tmp_path / "run"
+    result = sh("launch/local.sh", "2", f"--model_dir={model_dir}", env={"PYTHON": stub})
+    assert result.returncode == 0, result.stderr
+    assert "late line" in (model_dir / "logs" / "worker-1.log").read_text()
+    assert "worker done" in result.stdout  # the chief's log, shown live
+
+
 def test_local_sh_stops_all_workers_when_one_fails(tmp_path):
     # Worker processes sleep 60 s, except the one whose task index is 1: it fails at once.
     stub = _stub_python(tmp_path, 'case "$TF_CONFIG" in *\'"index": 1}\'*) exit 7;; esac\nsleep 60\n')
