@@ -106,6 +106,7 @@ def center_crop(image: tf.Tensor, image_size: int, crop_fraction: float = 1.0) -
     (NxHxWx3): shorter side -> floor(image_size / crop_fraction) (bicubic; the longer side keeps the
     aspect ratio, truncated as torchvision's Resize), then the central image_size square (offsets
     rounded as torchvision's CenterCrop)."""
+    image = tf.convert_to_tensor(image)
     resize_short = math.floor(image_size / crop_fraction + 1e-6)
     shape = tf.shape(image)[-3:-1]
     short = tf.reduce_min(shape)

@@ -87,6 +87,45 @@ def test_image_file_runs_export_their_evaluation_transform(tmp_path):
     assert np.abs(plain(images).numpy() - expected).max() > 1e-4
 
 
+def test_image_folder_run_exports_and_predicts_through_its_evaluation_crop(tmp_path):
+    """End to end: a tiny image-folder run, exported (SavedModel, what predict loads) with
+    --eval_crop_fraction given to export overriding the run's, matches the checkpoint on the
+    evaluation transform of a non-square photo-sized image."""
+    import contextlib
+
+    from convmixer_dist import image_decode, strategy as strategy_lib, train
+    from helpers import tiny_config
+
+    rng = np.random.default_rng(3)
+    for split in ("train", "val"):
+        for name in ("ant", "bee"):
+            os.makedirs(tmp_path / "tree" / split / name)
+            for i in range(4):
+                pixels = rng.integers(0, 256, (30 + 4 * i, 44, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "tree" / split / name / f"{i}.jpg")
+    model_dir = str(tmp_path / "run")
+    config = tiny_config(model_dir, dataset="image_folder", data_dir=str(tmp_path / "tree"), num_classes=2,
+                         global_batch_size=4, train_steps=2, steps_per_loop=1, checkpoint_every_steps=2,
+                         eval_crop_fraction=0.875)
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.train_and_evaluate(config, strategy_lib.create_strategy(config))
+    output = str(tmp_path / "export")
+    done = run_cli("convmixer_dist.commands.export", f"--model_dir={model_dir}", f"--output={output}",
+                   "--eval_crop_fraction=0.5")
+    assert done.returncode == 0, done.stderr[-2000:]
+    info = json.load(open(os.path.join(output, "export.json")))
+    assert "image_size / 0.5 bicubic" in info["input"]
+
+    loaded, names = predict.load_classifier(output)
+    assert names == ["ant", "bee"]
+    image = rng.integers(0, 256, (1, 37, 61, 3), dtype=np.uint8)
+    run = saved_run.load_run_config(model_dir)
+    model, _ = saved_run.restore_model(run, saved_run.checkpoint_path(model_dir))
+    cropped = image_decode.center_crop(tf.constant(image), run.image_size, 0.5)
+    expected = tf.nn.softmax(model(data.normalize(cropped, *saved_run.normalization(run)), training=False))
+    np.testing.assert_allclose(loaded.serve(tf.constant(image)).numpy(), expected.numpy(), atol=1e-6)
+
+
 def test_export_refuses_a_foreign_output_directory(exported, tmp_path):
     model_dir, _, _ = exported
     (tmp_path / "precious.txt").write_text("not an export")

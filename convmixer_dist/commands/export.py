@@ -1,6 +1,7 @@
 """Export a training run's checkpoint as a self-contained classifier: uint8 images in, probabilities out.
 
     python -m convmixer_dist.commands.export --model_dir=runs/cifar10 --output=exports/cifar10 [--checkpoint=PREFIX]
+        [training flags overriding the run's, e.g. --eval_crop_fraction=0.96, as for evaluate]
 
 OUTPUT/
   saved_model/       TensorFlow SavedModel, signature `serving_default` (endpoint `serve`):
@@ -41,9 +42,6 @@ KERAS_FILE = "model.keras"
 INFO_FILE = "export.json"
 
 
-IMAGE_FILE_DATASETS = ("image_folder", "tfrecord")  # evaluated through image_decode.center_crop
-
-
 def build_serving_model(model, image_size: int, mean, std, name: str = "convmixer_classifier",
                         eval_crop_fraction: float | None = None):
     """uint8 images of any size -> crop/resize -> normalize -> `model` -> float32 softmax.
@@ -81,14 +79,14 @@ def export_run(config: Config, output: str, checkpoint: str | None = None,
                out: TextIO = sys.stdout) -> dict:
     """Restore the run's checkpoint and write the export described in the module docstring;
     returns the contents of export.json."""
-    from convmixer_dist import image_folder, rundir
+    from convmixer_dist import data, image_folder, rundir
 
     _check_output(output)
     path = saved_run.checkpoint_path(config.model_dir, checkpoint)
     model, step = saved_run.restore_model(config, path)
     names = saved_run.class_names(config, config.model_dir)
     mean, std = saved_run.normalization(config)
-    image_files = config.dataset in IMAGE_FILE_DATASETS
+    image_files = config.dataset in data.ENCODED_DATASETS  # evaluated through image_decode.center_crop
     classifier = build_serving_model(model, config.image_size, mean, std,
                                      eval_crop_fraction=config.eval_crop_fraction if image_files else None)
     os.makedirs(output, exist_ok=True)
@@ -121,12 +119,14 @@ def define_flags() -> None:
 def main(args: list[str], opts: types.SimpleNamespace) -> None:
     if args:
         raise UsageError(f"unexpected arguments {args}; usage: --model_dir=DIR --output=DIR")
-    if "model_dir" not in opts.overrides:
+    overrides = dict(opts.overrides)
+    if "model_dir" not in overrides:
         raise UsageError("--model_dir is required: the directory of the training run to export")
     if not opts.output:
         raise UsageError("--output is required: the directory to write the exported model to")
     _check_output(opts.output)
-    config = saved_run.load_run_config(opts.overrides["model_dir"])
+    # Training flags given here override the run's, as for evaluate (e.g. --eval_crop_fraction).
+    config = saved_run.load_run_config(overrides.pop("model_dir"), overrides)
     from convmixer_dist.runtime import quiet_tensorflow_import
 
     quiet_tensorflow_import()
