@@ -18,7 +18,9 @@ converters (xprof, what TensorBoard's Profile tab shows), not from walking the p
   asynchronous function-call op that the op table leaves out. `trace_viewer` has them as
   `ExecutorState::ProcessAsync::Start` events naming the op (its layer path), with the XLA run
   (`CpuExecutable::ExecuteAsyncOnStream`) nested inside; each such call is added as a row of type
-  `XlaCall` with the call's duration as its self time (nothing inside it is in the op table).
+  `XlaCall` with the call's duration as its self time (nothing inside it is in the op table). The
+  trace keeps at most xprof's event limit (environment variable TF_PROFILER_TRACE_VIEWER_MAX_EVENTS):
+  profile a few steps, as `--profile_steps` windows usually are, or raise the limit.
 - Step time: `overview_page`'s average over step markers where it has one (GPU); on CPU it reports
   none, so the `train` step markers (`profiling.ProfileWindow`, one per step inside the window) are
   read from `trace_viewer` and averaged.
@@ -164,9 +166,10 @@ def load_trace(paths: list[str]) -> dict:
     return trace or {}
 
 
-def load_step_times(paths: list[str], trace: dict) -> tuple[list[float], str | None]:
+def load_step_times(paths: list[str], trace: dict | None = None) -> tuple[list[float], str | None]:
     """Wall-clock ms of each profiled step and where they came from: `overview_page` (device step
-    times, GPU/TPU), else the step markers in `trace` (`trace_viewer`); ([], None) if neither."""
+    times, GPU/TPU), else the step markers in `trace` (`trace_viewer`, converted here if not given);
+    ([], None) if neither."""
     tables, _ = _tool_json(paths, "overview_page")
     for table in tables or []:
         if float((table.get("p") or {}).get("steptime_ms_average", 0) or 0) > 0:
@@ -177,6 +180,7 @@ def load_step_times(paths: list[str], trace: dict) -> tuple[list[float], str | N
                 return times, "overview_page"
     # Step markers are trace events carrying a step_num (Trace(..., step_num=..., _r=1)); with
     # several hosts each step has one marker per host, so steps are counted by number.
+    trace = load_trace(paths) if trace is None else trace
     by_step: dict[str, list[float]] = {}
     for event in trace.get("traceEvents", []):
         if event.get("ph") == "X" and "step_num" in (event.get("args") or {}):
@@ -299,8 +303,11 @@ def summarise(rows: list[OpRow], top: int, side: str = "auto", step_times_ms: Se
 
 def build_report(paths: list[str], top: int = 15, side: str = "auto") -> dict:
     """Read the profile's hosts through xprof and summarise them."""
-    trace = load_trace(paths)
-    rows = load_op_stats(paths) + xla_call_rows(trace)
+    rows = load_op_stats(paths)
+    trace = None
+    if pick_side(rows, side) == "host":  # XLA calls are host rows; a GPU's trace can be large
+        trace = load_trace(paths)
+        rows += xla_call_rows(trace)
     step_times, source = load_step_times(paths, trace)
     report = {"profile": os.path.dirname(os.path.abspath(paths[0])),
               "xplane_files": [os.path.basename(p) for p in paths],
