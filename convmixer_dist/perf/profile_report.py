@@ -77,8 +77,8 @@ _TYPE_KIND = [(re.compile(r"DepthwiseConv2dNative"), "depthwise_conv"),
 # Every op of a training step runs inside train_loop's `tf.range` loop (`while/...`); host ops
 # outside it are tf.data functions (map, generator). Checkpoint writes are not input.
 _TRAIN_LOOP = "while/"
-_NOT_INPUT_TYPES = re.compile(r"SaveV2|RestoreV2|MergeV2Checkpoints|^XlaCall$")
 XLA_CALL = "XlaCall"  # Type of the rows standing for XLA-compiled calls (read from the trace).
+_NOT_INPUT_TYPES = re.compile(rf"SaveV2|RestoreV2|MergeV2Checkpoints|^{XLA_CALL}$")
 _ASYNC_OP = "ExecutorState::ProcessAsync::Start"
 _XLA_RUN = re.compile(r"^CpuExecutable::Execute")
 
