@@ -43,7 +43,7 @@ def main(args: list[str], opts: types.SimpleNamespace) -> dict:
     from convmixer_dist.runtime import quiet_tensorflow_import
     quiet_tensorflow_import()
     from convmixer_dist import strategy as strategy_lib
-    from convmixer_dist import train
+    from convmixer_dist.training import loop
 
     strategy = strategy_lib.create_strategy(config)
     preemption.install_signal_thread()  # From here on a stop signal stops at the next step.
@@ -52,11 +52,11 @@ def main(args: list[str], opts: types.SimpleNamespace) -> dict:
         from convmixer_dist.profiling import check_port_free
         check_port_free(config.profiler_port)
     try:
-        summary = train.train_and_evaluate(config, strategy)
-    except train.TrainingDiverged as err:
+        summary = loop.train_and_evaluate(config, strategy)
+    except loop.TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_DIVERGED)
-    except (train.Preempted, preemption.StopRequested) as err:
+    except (loop.Preempted, preemption.StopRequested) as err:
         code = preemption.exit_code()  # 75 for SIGTERM/SIGUSR1, 130 for Ctrl-C
         print(f"{'interrupted' if code == EXIT_INTERRUPTED else 'preempted'}: {err}", file=sys.stderr,
               flush=True)

@@ -10,9 +10,11 @@ Layer names are stable and hierarchical (`stem_conv`, `block03_depthwise_conv`, 
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 from keras import layers
 
 from convmixer_dist import fused
+from convmixer_dist.config import Config
 from convmixer_dist.presets import ACTIVATIONS, PRESETS  # noqa: F401  (re-exported)
 
 # PyTorch BatchNorm2d defaults used by the reference model: momentum 0.1 (new-statistic weight), which
@@ -77,3 +79,16 @@ def build_convmixer(hidden_dim: int, depth: int, kernel_size: int, patch_size: i
 def count_params(model: keras.Model) -> int:
     """All weights, trainable or not (BN moving statistics included), as the reference counts them."""
     return int(sum(int(keras.ops.size(w)) for w in model.weights))
+
+
+def create_model(config: Config, kind: str | None = None) -> keras.Model:
+    """The ConvMixer described by the config, with `--kernels` resolved for the device `kind` ("cpu"
+    or "gpu"; default: "gpu" if TensorFlow sees one)."""
+    if kind is None:
+        kind = "gpu" if tf.config.list_logical_devices("GPU") else "cpu"
+    return build_convmixer(hidden_dim=config.hidden_dim, depth=config.depth,
+                           kernel_size=config.kernel_size, patch_size=config.patch_size,
+                           num_classes=config.num_classes, image_size=config.image_size,
+                           activation=config.activation, dropout_rate=config.dropout_rate,
+                           sync_bn=config.sync_bn, kernels=fused.resolve_kernels(config.kernels, kind))
+

@@ -144,7 +144,7 @@ def _labels(strategy, batch) -> list[int]:
 
 @pytest.mark.parametrize("n,fraction,seed", [(50, 0.2, 0), (37, 0.5, 3), (64, 0.1, 11), (29, 0.3, 5)])
 def test_training_and_validation_index_streams_are_disjoint_and_cover_the_split(tmp_path, n, fraction, seed):
-    # The indices the distributed pipelines actually yield, as train.py builds them.
+    # The indices the distributed pipelines actually yield, as training/loop.py builds them.
     config = tiny_config(str(tmp_path), dataset="cifar10", augment="none", image_size=8,
                          validation_fraction=fraction, seed=seed, global_batch_size=4,
                          strategy="mirrored", cpu_replicas=2)
@@ -166,7 +166,7 @@ def test_training_and_validation_index_streams_are_disjoint_and_cover_the_split(
     assert first != second  # ... a fresh one each epoch
     assert not set(first) & set(validation)  # disjoint
     assert sorted(first + validation) == list(range(n))  # together the whole training split
-    # The explicit ids train.py passes give the same stream.
+    # The explicit ids training/loop.py passes give the same stream.
     train_ids, val_ids = data.validation_split(config, n)
     again = iter(data.train_dataset(strategy, config, derived, arrays, ids=train_ids))
     assert _labels(strategy, next(again)) == stream[:config.global_batch_size]

@@ -65,7 +65,8 @@ def test_evaluate_matches_the_training_run_and_writes_report(run):
 def test_evaluate_agrees_with_the_training_loops_metrics(run):
     import tensorflow as tf
 
-    from convmixer_dist import data, train
+    from convmixer_dist import data
+    from convmixer_dist.training import steps
     from convmixer_dist.config import derive
 
     model_dir, _ = run
@@ -73,7 +74,7 @@ def test_evaluate_agrees_with_the_training_loops_metrics(run):
     model, _ = saved_run.restore_model(config, saved_run.checkpoint_path(model_dir))
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     derived = derive(config, 1)
-    core = train.evaluate(train.make_eval_step(strategy, model, config),
+    core = steps.evaluate(steps.make_eval_step(strategy, model, config),
                           data.eval_dataset(strategy, config, derived))
     logits, labels = evaluate.predict_split(config, model, io.StringIO())
     ours = evaluate.compute_metrics(logits, labels, config.num_classes)

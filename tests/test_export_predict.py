@@ -93,7 +93,8 @@ def test_image_folder_run_exports_and_predicts_through_its_evaluation_crop(tmp_p
     evaluation transform of a non-square photo-sized image."""
     import contextlib
 
-    from convmixer_dist import image_decode, strategy as strategy_lib, train
+    from convmixer_dist import image_decode, strategy as strategy_lib
+    from convmixer_dist.training.loop import train_and_evaluate
     from helpers import tiny_config
 
     rng = np.random.default_rng(3)
@@ -108,7 +109,7 @@ def test_image_folder_run_exports_and_predicts_through_its_evaluation_crop(tmp_p
                          global_batch_size=4, train_steps=2, steps_per_loop=1, checkpoint_every_steps=2,
                          eval_crop_fraction=0.875)
     with contextlib.redirect_stdout(io.StringIO()):
-        train.train_and_evaluate(config, strategy_lib.create_strategy(config))
+        train_and_evaluate(config, strategy_lib.create_strategy(config))
     output = str(tmp_path / "export")
     done = run_cli("convmixer_dist.commands.export", f"--model_dir={model_dir}", f"--output={output}",
                    "--eval_crop_fraction=0.5")

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from convmixer_dist import fused, train
+from convmixer_dist import fused
+from convmixer_dist.model import create_model
+from convmixer_dist.training.loop import train_and_evaluate
 from convmixer_dist.config import Config
 from convmixer_dist.model import build_convmixer
 from convmixer_dist.strategy import create_strategy
@@ -135,10 +137,10 @@ def test_training_steps_match_keras_layers(replicas, sync_bn):
 def test_fused_kernels_train_under_mixed_precision_with_float32_logits(tmp_path, policy):
     config = tiny_config(str(tmp_path), precision=policy, kernels="fused", kernel_size=5)
     with contextlib.redirect_stdout(io.StringIO()):
-        summary = train.train_and_evaluate(config, create_strategy(config))
+        summary = train_and_evaluate(config, create_strategy(config))
     assert summary["precision"] == policy and np.isfinite(summary["train_loss"])
     keras.mixed_precision.set_dtype_policy(policy)
-    model = train.create_model(config, "cpu")
+    model = create_model(config, "cpu")
     assert type(model.get_layer("block00_depthwise_bn")) is fused.FusedBatchNormalization
     x = np.zeros((2, 8, 8, 3), np.float32)
     assert model(x, training=True).dtype == tf.float32 and model(x, training=False).dtype == tf.float32
@@ -147,11 +149,11 @@ def test_fused_kernels_train_under_mixed_precision_with_float32_logits(tmp_path,
 @pytest.mark.parametrize("write,read", [("keras", "fused"), ("fused", "keras")])
 def test_checkpoints_restore_across_kernels_with_equal_logits(tmp_path, write, read):
     config = Config(**{k: v for k, v in TINY.items()}, kernels=write)
-    source = train.create_model(config, "cpu")
+    source = create_model(config, "cpu")
     x = np.random.default_rng(5).normal(size=(4, 8, 8, 3)).astype(np.float32)
     source(x, training=True)  # Moving statistics away from their initial values.
     prefix = tf.train.Checkpoint(model=source).write(str(tmp_path / "ckpt"))
-    target = train.create_model(dataclasses.replace(config, kernels=read), "cpu")
+    target = create_model(dataclasses.replace(config, kernels=read), "cpu")
     tf.train.Checkpoint(model=target).read(prefix).assert_existing_objects_matched()
     assert np.abs(np.asarray(source(x, training=False)) - np.asarray(target(x, training=False))).max() < 1e-5
 
@@ -169,11 +171,11 @@ def test_keras_file_round_trip_keeps_fused_layers(tmp_path):
 
 
 def test_keras_kernels_build_plain_keras_layers():
-    model = train.create_model(Config(**TINY, kernels="keras"), "cpu")
+    model = create_model(Config(**TINY, kernels="keras"), "cpu")
     assert type(model.get_layer("block00_depthwise_conv")) is keras.layers.DepthwiseConv2D
     assert type(model.get_layer("block00_depthwise_bn")) is keras.layers.BatchNormalization
     assert type(model.get_layer("block00_depthwise_act")) is keras.layers.Activation
-    relu = train.create_model(Config(**TINY, activation="relu", kernels="fused"), "cpu")
+    relu = create_model(Config(**TINY, activation="relu", kernels="fused"), "cpu")
     assert type(relu.get_layer("stem_act")) is keras.layers.Activation  # Only GELU has a fused form.
 
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from convmixer_dist import optimization, train
+from convmixer_dist import optimization
+from convmixer_dist.model import create_model
 from helpers import tiny_config
 
 
@@ -13,7 +14,7 @@ from helpers import tiny_config
 def test_weight_decay_exclusion_leaves_bias_and_batchnorm_untouched(tmp_path, exclude):
     config = tiny_config(str(tmp_path), lr_schedule="constant", learning_rate=0.1, weight_decay=0.5,
                          wd_exclude_bias_bn=exclude)
-    model = train.create_model(config)
+    model = create_model(config)
     optimizer = optimization.create_optimizer(config, 10, "float32", variables=model.trainable_variables)
     optimizer.build(model.trainable_variables)
     before = [v.numpy().copy() for v in model.trainable_variables]

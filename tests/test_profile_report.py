@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from convmixer_dist import strategy as strategy_lib, train
+from convmixer_dist import strategy as strategy_lib
+from convmixer_dist.training.loop import train_and_evaluate
 from convmixer_dist.perf import profile_report
 from convmixer_dist.errors import UsageError
 from convmixer_dist.perf.profile_report import OpRow, UNLISTED, classify
@@ -20,7 +21,7 @@ def model_dir(tmp_path_factory) -> str:
     directory = str(tmp_path_factory.mktemp("profiled"))
     config = tiny_config(directory, train_steps=9, steps_per_loop=3, profile_steps="3,6")
     with contextlib.redirect_stdout(io.StringIO()):
-        train.train_and_evaluate(config, strategy_lib.create_strategy(config))
+        train_and_evaluate(config, strategy_lib.create_strategy(config))
     return directory
 
 

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from convmixer_dist import strategy as strategy_lib, train
+from convmixer_dist import strategy as strategy_lib
+from convmixer_dist.training.loop import train_and_evaluate
 from convmixer_dist.errors import UsageError
 from convmixer_dist.profiling import parse_profile_steps
 from helpers import ROOT, tiny_config
@@ -27,7 +28,7 @@ def test_parse_profile_steps():
 def test_training_captures_a_profile_with_conv_kernels(tmp_path):
     config = tiny_config(str(tmp_path), train_steps=9, steps_per_loop=3, profile_steps="3,6")
     with contextlib.redirect_stdout(io.StringIO()):
-        summary = train.train_and_evaluate(config, strategy_lib.create_strategy(config))
+        summary = train_and_evaluate(config, strategy_lib.create_strategy(config))
     assert summary["steps"] == 9
     profiles = glob.glob(str(tmp_path / "plugins" / "profile" / "*" / "*.xplane.pb"))
     assert len(profiles) == 1 and os.path.getsize(profiles[0]) > 10_000

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from convmixer_dist import strategy as strategy_lib, train
+from convmixer_dist import strategy as strategy_lib
+from convmixer_dist.training.loop import TrainingDiverged, train_and_evaluate
 from convmixer_dist.errors import UsageError
 from helpers import ROOT, run_cli, tiny_config
 
@@ -83,12 +84,12 @@ def test_sigterm_saves_at_next_step_and_exits_75_then_resumes(tmp_path):
 
 
 def _in_process(config):
-    return train.train_and_evaluate(config, strategy_lib.create_strategy(config))
+    return train_and_evaluate(config, strategy_lib.create_strategy(config))
 
 
 def test_nan_stop_keeps_last_good_checkpoint(tmp_path, capsys):
     config = tiny_config(str(tmp_path), train_steps=12, fault_inject_nan_at_step=8)
-    with pytest.raises(train.TrainingDiverged, match="between steps 7 and 8"):
+    with pytest.raises(TrainingDiverged, match="between steps 7 and 8"):
         _in_process(config)
     latest = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
     assert latest.endswith("ckpt-6")

@@ -193,7 +193,8 @@ def test_converter_command_prints_progress_and_bad_input_is_one_line(tmp_path):
 def test_trains_from_tfrecords_with_the_imagenet_recipe_and_saves_class_names(tmp_path):
     import contextlib
 
-    from convmixer_dist import strategy as strategy_lib, train
+    from convmixer_dist import strategy as strategy_lib
+    from convmixer_dist.training.loop import train_and_evaluate
 
     _, output = _convert(tmp_path)
     config = tiny_config(str(tmp_path / "run"), dataset="tfrecord", data_dir=output, num_classes=3,
@@ -203,6 +204,6 @@ def test_trains_from_tfrecords_with_the_imagenet_recipe_and_saves_class_names(tm
                          mixup_alpha=0.5, cutmix_alpha=0.5, eval_crop_fraction=0.96,
                          wd_exclude_bias_bn=True, grad_accum_steps=2, label_smoothing=0.1, clip_norm=1.0)
     with contextlib.redirect_stdout(io.StringIO()):
-        summary = train.train_and_evaluate(config, strategy_lib.create_strategy(config))
+        summary = train_and_evaluate(config, strategy_lib.create_strategy(config))
     assert summary["steps"] == 4 and summary["eval_examples"] == 6
     assert json.load(open(tmp_path / "run" / "class_names.json")) == sorted(CLASSES)

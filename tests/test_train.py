@@ -7,13 +7,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from convmixer_dist import optimization, strategy as strategy_lib, train
+from convmixer_dist import optimization, strategy as strategy_lib
+from convmixer_dist.model import create_model
+from convmixer_dist.training.loop import Counters, train_and_evaluate
+from convmixer_dist.training.state import make_bn_statistics_sync, weights_fingerprint
+from convmixer_dist.training.steps import make_train_loop
 from helpers import tiny_config
 
 
 def _train(config):
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        summary = train.train_and_evaluate(config, strategy_lib.create_strategy(config))
+        summary = train_and_evaluate(config, strategy_lib.create_strategy(config))
     return summary, out.getvalue()
 
 
@@ -106,16 +110,16 @@ def test_batchnorm_moving_statistics_are_averaged_across_replicas(tmp_path):
     strategy = strategy_lib.create_strategy(config)
     derived = derive(config, 2)
     with strategy.scope():
-        model = train.create_model(config)
+        model = create_model(config)
         optimizer = optimization.create_optimizer(config, derived.total_steps, "float32")
         optimizer.build(model.trainable_variables)
-    loop = train.make_train_loop(strategy, model, optimizer, config, xla=False)
+    loop = make_train_loop(strategy, model, optimizer, config, xla=False)
     iterator = iter(data.train_dataset(strategy, config, derived))
     loop(iterator, tf.constant(3), tf.constant(0, tf.int64), tf.constant(0, tf.int64))
     weight = model.get_layer("stem_bn").moving_mean
     before = [v.numpy() for v in strategy.experimental_local_results(weight.value)]
     assert not np.array_equal(before[0], before[1])  # the replicas drifted apart
-    train.make_bn_statistics_sync(strategy, model)()
+    make_bn_statistics_sync(strategy, model)()
     after = [v.numpy() for v in strategy.experimental_local_results(weight.value)]
     np.testing.assert_allclose(after[0], (before[0] + before[1]) / 2, rtol=1e-6)
     np.testing.assert_array_equal(after[0], after[1])
@@ -130,9 +134,9 @@ def test_early_stopping_on_validation_restores_the_best_weights(tmp_path):
     assert summary["best_step"] < summary["steps"]
     assert "early stopping" in out and "validation loss" in out
     # The reported (test-split) weights are the best checkpoint's, not the last step's.
-    model = train.create_model(config)
+    model = create_model(config)
     tf.train.Checkpoint(model=model).read(summary["best_checkpoint"]).expect_partial()
-    assert train.weights_fingerprint(model)["weights_sha256"] == summary["weights_sha256"]
+    assert weights_fingerprint(model)["weights_sha256"] == summary["weights_sha256"]
     assert summary["eval_examples"] == 100  # the test split, untouched by the validation split
 
 
@@ -173,7 +177,7 @@ def _weights_after_steps(config, strategy, steps=3):
         optimizer = optimization.create_optimizer(config, derived.total_steps, "float32",
                                                   variables=model.trainable_variables)
         optimizer.build(model.trainable_variables)
-    loop = train.make_train_loop(strategy, model, optimizer, config, xla=False)
+    loop = make_train_loop(strategy, model, optimizer, config, xla=False)
     iterator = iter(data.train_dataset(strategy, config, derived))
     totals = loop(iterator, tf.constant(steps), tf.constant(0, tf.int64), tf.constant(0, tf.int64))
     return [v.numpy() for v in model.trainable_variables], [float(t) for t in totals], optimizer
@@ -212,7 +216,7 @@ def test_accumulated_run_resumes_to_the_same_weights(tmp_path):
 
 
 def test_throughput_logs_each_window_and_keeps_the_run_average():
-    counters = train.Counters()
+    counters = Counters()
     assert counters.window_rate(fallback=10.0) == 10.0  # only the untimed (compiling) call so far
     counters.add_timed(100, 0.1)
     counters.add_timed(100, 0.1)

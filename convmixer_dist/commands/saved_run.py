@@ -2,7 +2,7 @@
 the names of its classes. Used by `evaluate` and `export`.
 
 The Config comes from MODEL_DIR/flags.txt, which `main` writes with every resolved field
-(`Config.to_flagfile`), so the model is rebuilt exactly as training built it (`train.create_model`)
+(`Config.to_flagfile`), so the model is rebuilt exactly as training built it (`model.create_model`)
 and the run's own validation (`flags.validate`) applies. Overrides (e.g. a `--data_dir` that moved)
 replace single fields before validation.
 
@@ -82,13 +82,13 @@ def checkpoint_path(model_dir: str, checkpoint: str | None = None) -> str:
 
 
 def restore_model(config: Config, path: str):
-    """The run's model (built by `train.create_model`, float32, no cross-replica BatchNorm) with the
+    """The run's model (built by `model.create_model`, float32, no cross-replica BatchNorm) with the
     weights of checkpoint `path`; returns (model, step). Optimizer state in the checkpoint is ignored."""
     import tensorflow as tf
 
-    from convmixer_dist import train
+    from convmixer_dist.model import create_model
 
-    model = train.create_model(dataclasses.replace(config, sync_bn=False))
+    model = create_model(dataclasses.replace(config, sync_bn=False))
     step = tf.Variable(0, dtype=tf.int64, trainable=False)
     try:
         status = tf.train.Checkpoint(model=model, step=step).restore(path)

@@ -6,7 +6,7 @@
     taskset -c 0 python -m convmixer_dist.perf.benchmark --measure=input --dataset=cifar10 --data_dir=DIR
 
 Takes every training flag of `convmixer_dist.main` (model, strategy, precision, XLA, batch, data,
-augmentation) and trains with the real training loop (`train.make_train_loop`) on them:
+augmentation) and trains with the real training loop (`training.steps.make_train_loop`) on them:
 - `custom_input_excluded`: every step reads one cached batch of the real pipeline, so only the
   model, the optimizer and the all-reduce are timed;
 - `custom_input_included`: the real input pipeline feeds the steps. If it is much slower than the
@@ -164,13 +164,14 @@ def _build(strategy, config, derived, policy: str):
     """Model and optimizer (slots built) in the strategy's scope under the precision `policy`."""
     import keras
 
-    from convmixer_dist import optimization, train
+    from convmixer_dist import optimization
+    from convmixer_dist.model import create_model
     from convmixer_dist.strategy import device_kind
 
     keras.mixed_precision.set_dtype_policy(policy)
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
-        model = train.create_model(config, device_kind(strategy))
+        model = create_model(config, device_kind(strategy))
         optimizer = optimization.create_optimizer(config, derived.total_steps, policy,
                                                   variables=model.trainable_variables)
         # Keras 3 creates slots lazily, which fails inside a distributed tf.function: build them now.
@@ -182,9 +183,9 @@ def _custom_runner(strategy, model, optimizer, config, xla: bool, dataset, windo
     """A window of training steps through the project's own loop (forced to finish)."""
     import tensorflow as tf
 
-    from convmixer_dist import train
+    from convmixer_dist.training.steps import make_train_loop
 
-    train_loop = train.make_train_loop(strategy, model, optimizer, config, xla)
+    train_loop = make_train_loop(strategy, model, optimizer, config, xla)
     iterator = iter(dataset)
     state = {"step": 0}
     calls = window_steps // config.steps_per_loop
@@ -204,11 +205,12 @@ def _fit_runner(strategy, config, derived, arrays, policy: str, xla: bool, windo
     import keras
     import tensorflow as tf
 
-    from convmixer_dist import optimization, train
+    from convmixer_dist import optimization
     from convmixer_dist.config import derive
+    from convmixer_dist.model import create_model
 
     with strategy.scope():
-        model = train.create_model(config)
+        model = create_model(config)
         optimizer = optimization.create_optimizer(config, derived.total_steps, policy,
                                                   variables=model.trainable_variables)
         model.compile(optimizer=optimizer, jit_compile=xla, metrics=["accuracy"],
@@ -391,9 +393,9 @@ def _training_runs(result: dict, strategy, setup: dict, variants, opts) -> None:
     """The custom-loop runs (input excluded/included), model.fit, and one run per variant."""
     import keras
 
-    from convmixer_dist import data, train
+    from convmixer_dist import data
     from convmixer_dist.fused import resolve_kernels
-    from convmixer_dist.precision import resolve_precision
+    from convmixer_dist.precision import resolve_precision, use_xla
 
     config, derived, arrays = setup["config"], setup["derived"], setup["arrays"]
     kind, policy, xla = setup["kind"], setup["policy"], setup["xla"]
@@ -408,7 +410,7 @@ def _training_runs(result: dict, strategy, setup: dict, variants, opts) -> None:
             strategy, config, derived, arrays, policy, xla, opts.window_steps, opts.fit_steps_per_execution),
             config, opts)
     for label, variant in variants:
-        v_policy, v_xla = resolve_precision(variant.precision, kind), train.use_xla(variant, kind)
+        v_policy, v_xla = resolve_precision(variant.precision, kind), use_xla(variant, kind)
         v_model, v_optimizer = _build(strategy, variant, derived, v_policy)
         dataset = strategy.distribute_datasets_from_function(_cached_dataset_fn(variant, derived, arrays))
         _record(result, f"custom_input_excluded[{label}]", _custom_runner(
@@ -454,15 +456,14 @@ def run_benchmark(config, variants: list[tuple[str, object]], opts) -> dict:
 def _run_benchmark(config, variants: list[tuple[str, object]], opts) -> dict:
     from convmixer_dist import data
     from convmixer_dist import strategy as strategy_lib
-    from convmixer_dist import train
     from convmixer_dist.config import derive
     from convmixer_dist.perf import flops
-    from convmixer_dist.precision import resolve_precision
+    from convmixer_dist.precision import resolve_precision, use_xla
 
     strategy = strategy_lib.create_strategy(config)  # Before any other op (multi_worker needs it).
     kind = strategy_lib.device_kind(strategy)
     policy = resolve_precision(config.precision, kind)
-    xla = train.use_xla(config, kind)
+    xla = use_xla(config, kind)
     arrays = None if config.dataset == "synthetic" else data.load_arrays(config)
     derived = derive(config, strategy.num_replicas_in_sync, *data.trained_sizes(config, arrays))
     data.augment_spec(config).validate()

@@ -1,8 +1,9 @@
-"""The training loop: `train_and_evaluate(config, strategy)` composes small module-level functions
+"""The training driver: `train_and_evaluate(config, strategy)` composes small module-level functions
 and reads top to bottom (the shape of flax's examples/imagenet/train.py):
 
-prepare_inputs -> create_train_state (model, optimizer, step and the other checkpointed variables, in
-`strategy.scope()`) -> savers (resume, or save step 0) -> make_train_loop / make_eval_step ->
+prepare_inputs -> create_train_state (state.py: model, optimizer, step and the other checkpointed
+variables, in `strategy.scope()`) -> savers (resume, or save step 0) -> make_train_loop /
+make_eval_step (steps.py) ->
 train_with_rollbacks (NaN rollback) -> train_until_done -> per epoch: train_epoch (calls of
 `steps_in_next_call` steps each, progress lines, checkpoints, stop signals) and end_of_epoch
 (evaluation, early_stopping_decision, best checkpoint) -> final_evaluation -> build_summary.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import math
 import os
 import time
@@ -28,15 +28,15 @@ import tensorflow as tf
 from convmixer_dist import data, image_folder, optimization, preemption, rundir, tfrecord
 from convmixer_dist.checkpoint import CheckpointSaver
 from convmixer_dist.config import Config, Derived, derive
-from convmixer_dist.fused import resolve_kernels
-from convmixer_dist.model import build_convmixer, count_params
-from convmixer_dist.precision import resolve_precision
+from convmixer_dist.model import count_params
+from convmixer_dist.precision import resolve_precision, use_xla
 from convmixer_dist.preemption import PreemptionWatcher
 from convmixer_dist.profiling import (ProfileWindow, check_profile_window, parse_profile_steps,
                                       start_profiler_server)
 from convmixer_dist.strategy import device_kind, is_chief
-
-SUM = tf.distribute.ReduceOp.SUM
+from convmixer_dist.training.state import (TrainState, create_savers, create_train_state,
+                                           make_bn_statistics_sync, weights_finite, weights_fingerprint)
+from convmixer_dist.training.steps import evaluate, make_eval_step, make_train_loop
 
 
 class TrainingDiverged(RuntimeError):
@@ -45,184 +45,6 @@ class TrainingDiverged(RuntimeError):
 
 class Preempted(RuntimeError):
     """A termination signal arrived; a checkpoint was saved at the step in the message."""
-
-
-def create_model(config: Config, kind: str | None = None) -> keras.Model:
-    """The ConvMixer described by the config, with `--kernels` resolved for the device `kind` ("cpu"
-    or "gpu"; default: "gpu" if TensorFlow sees one)."""
-    if kind is None:
-        kind = "gpu" if tf.config.list_logical_devices("GPU") else "cpu"
-    return build_convmixer(hidden_dim=config.hidden_dim, depth=config.depth,
-                           kernel_size=config.kernel_size, patch_size=config.patch_size,
-                           num_classes=config.num_classes, image_size=config.image_size,
-                           activation=config.activation, dropout_rate=config.dropout_rate,
-                           sync_bn=config.sync_bn, kernels=resolve_kernels(config.kernels, kind))
-
-
-def use_xla(config: Config, kind: str) -> bool:
-    """XLA for the per-replica forward/backward: on GPUs by default, off on CPU (~7x slower there)."""
-    return config.xla == "on" or (config.xla == "auto" and kind == "gpu")
-
-
-def make_replica_steps(model, optimizer, config: Config, xla: bool) -> tuple[Callable, Callable]:
-    """The per-replica optimizer step, `(images, labels, poison, step) -> (loss_sum, correct, count)`,
-    for one batch and for `--grad_accum_steps=K` stacked micro-batches.
-
-    With K micro-batches each optimizer step sums their gradients on each replica (each micro-batch
-    loss is already divided by the whole global batch, so the sum is the mean over all K
-    micro-batches), then clips and applies once: one all-reduce per optimizer step, and steps,
-    schedules and checkpoints count optimizer steps.
-    """
-    variables = model.trainable_variables
-    global_batch = config.global_batch_size
-    accum = config.grad_accum_steps
-    # --augment_on_device: the pipeline delivers raw batches; augment + normalize here, batched.
-    augmenter = data.make_augmenter(config) if config.augment_on_device else None
-    mean, std = data.NORMALIZATION[config.dataset]
-
-    def forward_backward(images, labels, poison):
-        """`labels`: int class ids, or float soft targets [N, classes] (MixUp/CutMix)."""
-        if labels.dtype.is_integer:
-            targets = tf.one_hot(labels, config.num_classes)
-        else:
-            targets, labels = labels, tf.argmax(labels, -1, output_type=tf.int32)
-        with tf.GradientTape() as tape:
-            logits = model(images, training=True) * poison  # poison: 1, or NaN for fault injection
-            per_example = keras.losses.categorical_crossentropy(
-                targets, logits, from_logits=True, label_smoothing=config.label_smoothing)
-            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
-            if model.losses:  # once per optimizer step in total, spread over the micro-batches
-                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses)) / accum
-            scaled = optimizer.scale_loss(loss)
-        grads = tape.gradient(scaled, variables)
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels),
-                                        tf.float32))
-        return grads, tf.reduce_sum(per_example), correct
-
-    if xla:
-        # Only forward+backward is compiled: compiling the update under a strategy fails on CPU.
-        forward_backward = tf.function(forward_backward, jit_compile=True)
-
-    def micro_step(images, labels, poison, micro):
-        """Gradients (summing to the global-batch mean) and sums of one micro-batch; `micro` numbers
-        the micro-batches of the run (the on-device augmentation's step)."""
-        if augmenter is not None:
-            images, labels = augmenter(images, labels, step=micro)
-            images = data.normalize(images, mean, std)
-        grads, loss_sum, correct = forward_backward(images, labels, poison)
-        return grads, loss_sum, correct, tf.cast(tf.shape(labels)[0], tf.float32)
-
-    def apply(grads):
-        grads = optimization.prepare_gradients(grads, config.clip_norm, optimization.loss_scale(optimizer))
-        optimizer.apply_gradients(zip(grads, variables))
-
-    def replica_step(images, labels, poison, step):
-        grads, loss_sum, correct, count = micro_step(images, labels, poison, step)
-        apply(grads)
-        return loss_sum, correct, count
-
-    def replica_accumulated_step(images, labels, poison, step):
-        """`images`/`labels`: the K micro-batches of this replica, stacked on a leading axis."""
-        grads, loss_sum, correct, count = micro_step(images[0], labels[0], poison, step * accum)
-        for k in tf.range(1, accum):  # a graph loop: the graph does not grow with K
-            more = micro_step(images[k], labels[k], poison, step * accum + tf.cast(k, tf.int64))
-            grads = [g + m for g, m in zip(grads, more[0])]
-            loss_sum, correct, count = loss_sum + more[1], correct + more[2], count + more[3]
-        apply(grads)
-        return loss_sum, correct, count
-
-    return replica_step, replica_accumulated_step
-
-
-def make_train_loop(strategy, model, optimizer, config: Config, xla: bool,
-                    stop_flag: tf.Variable | None = None) -> Callable:
-    """A tf.function running `num_steps` training (optimizer) steps; returns summed (loss, correct,
-    count) and the number of steps run: fewer than `num_steps` when `stop_flag` (see
-    preemption.stop_flag) is raised during the call, so a stop signal is honoured at the next step.
-    With `--grad_accum_steps=K` each optimizer step reads K micro-batches from the iterator (see
-    `make_replica_steps`)."""
-    accum = config.grad_accum_steps
-    replica_step, replica_accumulated_step = make_replica_steps(model, optimizer, config, xla)
-
-    @tf.function
-    def train_loop(iterator, num_steps, first_step, nan_at_step):
-        """`num_steps` steps from global step `first_step`; the step numbered `nan_at_step` (a
-        fault-injection hook for tests, 0 = never) gets a NaN loss."""
-        totals = [tf.constant(0.0), tf.constant(0.0), tf.constant(0.0)]
-        done = tf.constant(0, tf.int32)
-        for i in tf.range(num_steps):
-            if stop_requested():
-                break
-            step = first_step + tf.cast(i, tf.int64)
-            poison = tf.where(step + 1 == nan_at_step, float("nan"), 1.0)
-            if accum == 1:
-                images, labels = next(iterator)
-                per_replica = strategy.run(replica_step, args=(images, labels, poison, step))
-            else:
-                micro = [next(iterator) for _ in range(accum)]
-                stacked = strategy.run(lambda *b: (tf.stack(b[0::2]), tf.stack(b[1::2])),
-                                       args=tuple(x for pair in micro for x in pair))
-                per_replica = strategy.run(replica_accumulated_step,
-                                           args=(stacked[0], stacked[1], poison, step))
-            totals = [t + strategy.reduce(SUM, v, axis=None) for t, v in zip(totals, per_replica)]
-            done += 1
-        return totals + [tf.cast(done, tf.float32)]
-
-    stop_requested = preemption.make_stop_check(strategy, stop_flag)
-    return train_loop
-
-
-def make_eval_step(strategy, model, config: Config) -> Callable:
-    """A tf.function returning summed (loss, top-1 correct, top-5 correct, count) of one batch."""
-    top_k = min(5, config.num_classes)
-
-    def replica_sums(images, labels):
-        logits = model(images, training=False)
-        per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-        top1 = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
-        topk = tf.cast(tf.math.in_top_k(labels, logits, top_k), tf.float32)
-        return tf.stack([tf.reduce_sum(per_example), tf.reduce_sum(top1), tf.reduce_sum(topk),
-                         tf.cast(tf.shape(labels)[0], tf.float32)])
-
-    def replica_eval(images, labels):
-        # At the end of the split some replicas receive an empty batch, which the oneDNN convolution
-        # rejects; they contribute zeros instead.
-        return tf.cond(tf.shape(labels)[0] > 0, lambda: replica_sums(images, labels),
-                       lambda: tf.zeros([4]))
-
-    @tf.function(reduce_retracing=True)
-    def eval_step(images, labels):
-        return strategy.reduce(SUM, strategy.run(replica_eval, args=(images, labels)), axis=None)
-
-    return eval_step
-
-
-def evaluate(eval_step: Callable, eval_dataset) -> dict:
-    """Loss, top-1 and top-5 over the whole evaluation split (every example exactly once)."""
-    totals = np.zeros(4)
-    for images, labels in eval_dataset:
-        totals += eval_step(images, labels).numpy()
-    loss, top1, top5, count = totals
-    return {"loss": loss / max(count, 1), "accuracy": top1 / max(count, 1),
-            "top5_accuracy": top5 / max(count, 1), "examples": int(count)}
-
-
-def weights_fingerprint(model: keras.Model) -> dict:
-    """Checksums of the weights: sha256 of the bytes (exact) and the sum of |w| (for tolerances),
-    and the sha256 of the trainable weights alone. Those are what training computes; the BatchNorm
-    moving statistics beside them are averaged across replicas at every save, so a save at an extra
-    step (a preemption) re-rounds their last bits without changing what is trained."""
-    digest, trainable_digest = hashlib.sha256(), hashlib.sha256()
-    trainable = {id(weight) for weight in model.trainable_weights}
-    abs_sum = 0.0
-    for weight in model.weights:
-        value = np.asarray(keras.ops.convert_to_numpy(weight), dtype=np.float32)
-        digest.update(value.tobytes())
-        if id(weight) in trainable:
-            trainable_digest.update(value.tobytes())
-        abs_sum += float(np.abs(value.astype(np.float64)).sum())
-    return {"weights_sha256": digest.hexdigest(), "weights_abs_sum": abs_sum,
-            "trainable_weights_sha256": trainable_digest.hexdigest()}
 
 
 def _format_eta(seconds: float) -> str:
@@ -241,29 +63,6 @@ def _log_period(config: Config, derived: Derived) -> int:
 def _say(chief: bool, text: str) -> None:
     if chief:
         print(text, flush=True)
-
-
-def make_bn_statistics_sync(strategy, model: keras.Model) -> Callable[[], None]:
-    """A function averaging BatchNorm moving mean/variance over all replicas (timm's `--dist-bn
-    reduce`). Without --sync_bn each replica updates its own copy from its own batches; averaging
-    before every evaluation and save makes evaluation, checkpoint and resume agree."""
-    moving = [w for w in model.non_trainable_weights if "moving_" in w.path]
-    if strategy.num_replicas_in_sync == 1 or not moving:
-        return lambda: None
-
-    @tf.function
-    def sync():
-        local = strategy.run(lambda: [tf.identity(w.value) for w in moving])
-        for weight, value in zip(moving, local):
-            weight.value.assign(strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None))
-
-    return sync
-
-
-def weights_finite(model: keras.Model) -> bool:
-    """True when every weight is finite (checked before each save: never checkpoint a NaN)."""
-    return bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(tf.cast(w.value, tf.float32)))
-                               for w in model.weights]))
 
 
 def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict:
@@ -382,55 +181,6 @@ def prepare_inputs(config: Config, strategy) -> Inputs:
                    else data.eval_dataset(strategy, config, derived, arrays, split="validation",
                                           ids=val_ids))
     return Inputs(arrays, derived, train_ids, eval_dataset, val_dataset)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainState:
-    """Everything a checkpoint holds, created in `strategy.scope()`; `checkpoint` saves it all."""
-
-    model: keras.Model
-    optimizer: keras.optimizers.Optimizer
-    step: tf.Variable  # Global optimizer step.
-    lr_scale: tf.Variable  # Learning-rate multiplier; NaN rollbacks lower it.
-    epoch_totals: tf.Variable  # Sums (loss, correct, count) of the current epoch, so a resumed run
-    #                            reports the same numbers.
-    best_val_loss: tf.Variable  # Early stopping: best validation loss so far ...
-    epochs_without_gain: tf.Variable  # ... and epochs since it improved.
-    checkpoint: tf.train.Checkpoint
-
-
-def create_train_state(strategy, config: Config, derived: Derived, kind: str, policy: str) -> TrainState:
-    """Model, optimizer (slots built) and the checkpointed counters, in the strategy's scope."""
-    with strategy.scope():
-        model = create_model(config, kind)
-        lr_scale = tf.Variable(1.0, trainable=False, name="lr_scale")
-        optimizer = optimization.create_optimizer(config, derived.total_steps, policy, lr_scale,
-                                                  model.trainable_variables)
-        # Keras 3 creates slots lazily, which fails inside a distributed tf.function: build them now.
-        optimizer.build(model.trainable_variables)
-        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        epoch_totals = tf.Variable(tf.zeros(3, tf.float64), trainable=False, name="epoch_totals")
-        best_val_loss = tf.Variable(float("inf"), dtype=tf.float64, trainable=False, name="best_val_loss")
-        epochs_without_gain = tf.Variable(0, dtype=tf.int64, trainable=False, name="epochs_without_gain")
-        # Dropout's random-number state is not part of a Keras model's TF checkpoint; saving it is
-        # what lets a resumed run draw the same dropout masks as an uninterrupted one.
-        rng = tf.train.Checkpoint(**{f"state{i}": v.value for i, v in enumerate(model.variables)
-                                     if "seed_generator" in v.path})
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step,
-                                         lr_scale=lr_scale, epoch_totals=epoch_totals, rng=rng,
-                                         best_val_loss=best_val_loss,
-                                         epochs_without_gain=epochs_without_gain)
-    return TrainState(model, optimizer, step, lr_scale, epoch_totals, best_val_loss, epochs_without_gain,
-                      checkpoint)
-
-
-def create_savers(strategy, config: Config, chief: bool, checkpoint) -> tuple[CheckpointSaver, CheckpointSaver]:
-    """The periodic checkpoints (--keep_checkpoints) and the best-validation one."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    task_id = int(getattr(resolver, "task_id", 0) or 0)
-    saver = CheckpointSaver(checkpoint, config.model_dir, chief, task_id, config.keep_checkpoints)
-    best_saver = CheckpointSaver(checkpoint, config.model_dir, chief, task_id, 1, subdir="best_checkpoint")
-    return saver, best_saver
 
 
 def create_writers(config: Config, chief: bool, validation: bool) -> dict:

@@ -1,0 +1,157 @@
+"""The tf.function parts of training: the per-replica optimizer steps, the multi-step train loop
+(what `strategy.run` executes, and what perf/benchmark times) and the evaluation step."""
+from __future__ import annotations
+
+from typing import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from convmixer_dist import data, optimization, preemption
+from convmixer_dist.config import Config
+
+SUM = tf.distribute.ReduceOp.SUM
+
+def make_replica_steps(model, optimizer, config: Config, xla: bool) -> tuple[Callable, Callable]:
+    """The per-replica optimizer step, `(images, labels, poison, step) -> (loss_sum, correct, count)`,
+    for one batch and for `--grad_accum_steps=K` stacked micro-batches.
+
+    With K micro-batches each optimizer step sums their gradients on each replica (each micro-batch
+    loss is already divided by the whole global batch, so the sum is the mean over all K
+    micro-batches), then clips and applies once: one all-reduce per optimizer step, and steps,
+    schedules and checkpoints count optimizer steps.
+    """
+    variables = model.trainable_variables
+    global_batch = config.global_batch_size
+    accum = config.grad_accum_steps
+    # --augment_on_device: the pipeline delivers raw batches; augment + normalize here, batched.
+    augmenter = data.make_augmenter(config) if config.augment_on_device else None
+    mean, std = data.NORMALIZATION[config.dataset]
+
+    def forward_backward(images, labels, poison):
+        """`labels`: int class ids, or float soft targets [N, classes] (MixUp/CutMix)."""
+        if labels.dtype.is_integer:
+            targets = tf.one_hot(labels, config.num_classes)
+        else:
+            targets, labels = labels, tf.argmax(labels, -1, output_type=tf.int32)
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True) * poison  # poison: 1, or NaN for fault injection
+            per_example = keras.losses.categorical_crossentropy(
+                targets, logits, from_logits=True, label_smoothing=config.label_smoothing)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+            if model.losses:  # once per optimizer step in total, spread over the micro-batches
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses)) / accum
+            scaled = optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, variables)
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels),
+                                        tf.float32))
+        return grads, tf.reduce_sum(per_example), correct
+
+    if xla:
+        # Only forward+backward is compiled: compiling the update under a strategy fails on CPU.
+        forward_backward = tf.function(forward_backward, jit_compile=True)
+
+    def micro_step(images, labels, poison, micro):
+        """Gradients (summing to the global-batch mean) and sums of one micro-batch; `micro` numbers
+        the micro-batches of the run (the on-device augmentation's step)."""
+        if augmenter is not None:
+            images, labels = augmenter(images, labels, step=micro)
+            images = data.normalize(images, mean, std)
+        grads, loss_sum, correct = forward_backward(images, labels, poison)
+        return grads, loss_sum, correct, tf.cast(tf.shape(labels)[0], tf.float32)
+
+    def apply(grads):
+        grads = optimization.prepare_gradients(grads, config.clip_norm, optimization.loss_scale(optimizer))
+        optimizer.apply_gradients(zip(grads, variables))
+
+    def replica_step(images, labels, poison, step):
+        grads, loss_sum, correct, count = micro_step(images, labels, poison, step)
+        apply(grads)
+        return loss_sum, correct, count
+
+    def replica_accumulated_step(images, labels, poison, step):
+        """`images`/`labels`: the K micro-batches of this replica, stacked on a leading axis."""
+        grads, loss_sum, correct, count = micro_step(images[0], labels[0], poison, step * accum)
+        for k in tf.range(1, accum):  # a graph loop: the graph does not grow with K
+            more = micro_step(images[k], labels[k], poison, step * accum + tf.cast(k, tf.int64))
+            grads = [g + m for g, m in zip(grads, more[0])]
+            loss_sum, correct, count = loss_sum + more[1], correct + more[2], count + more[3]
+        apply(grads)
+        return loss_sum, correct, count
+
+    return replica_step, replica_accumulated_step
+
+
+def make_train_loop(strategy, model, optimizer, config: Config, xla: bool,
+                    stop_flag: tf.Variable | None = None) -> Callable:
+    """A tf.function running `num_steps` training (optimizer) steps; returns summed (loss, correct,
+    count) and the number of steps run: fewer than `num_steps` when `stop_flag` (see
+    preemption.stop_flag) is raised during the call, so a stop signal is honoured at the next step.
+    With `--grad_accum_steps=K` each optimizer step reads K micro-batches from the iterator (see
+    `make_replica_steps`)."""
+    accum = config.grad_accum_steps
+    replica_step, replica_accumulated_step = make_replica_steps(model, optimizer, config, xla)
+
+    @tf.function
+    def train_loop(iterator, num_steps, first_step, nan_at_step):
+        """`num_steps` steps from global step `first_step`; the step numbered `nan_at_step` (a
+        fault-injection hook for tests, 0 = never) gets a NaN loss."""
+        totals = [tf.constant(0.0), tf.constant(0.0), tf.constant(0.0)]
+        done = tf.constant(0, tf.int32)
+        for i in tf.range(num_steps):
+            if stop_requested():
+                break
+            step = first_step + tf.cast(i, tf.int64)
+            poison = tf.where(step + 1 == nan_at_step, float("nan"), 1.0)
+            if accum == 1:
+                images, labels = next(iterator)
+                per_replica = strategy.run(replica_step, args=(images, labels, poison, step))
+            else:
+                micro = [next(iterator) for _ in range(accum)]
+                stacked = strategy.run(lambda *b: (tf.stack(b[0::2]), tf.stack(b[1::2])),
+                                       args=tuple(x for pair in micro for x in pair))
+                per_replica = strategy.run(replica_accumulated_step,
+                                           args=(stacked[0], stacked[1], poison, step))
+            totals = [t + strategy.reduce(SUM, v, axis=None) for t, v in zip(totals, per_replica)]
+            done += 1
+        return totals + [tf.cast(done, tf.float32)]
+
+    stop_requested = preemption.make_stop_check(strategy, stop_flag)
+    return train_loop
+
+
+def make_eval_step(strategy, model, config: Config) -> Callable:
+    """A tf.function returning summed (loss, top-1 correct, top-5 correct, count) of one batch."""
+    top_k = min(5, config.num_classes)
+
+    def replica_sums(images, labels):
+        logits = model(images, training=False)
+        per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        top1 = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
+        topk = tf.cast(tf.math.in_top_k(labels, logits, top_k), tf.float32)
+        return tf.stack([tf.reduce_sum(per_example), tf.reduce_sum(top1), tf.reduce_sum(topk),
+                         tf.cast(tf.shape(labels)[0], tf.float32)])
+
+    def replica_eval(images, labels):
+        # At the end of the split some replicas receive an empty batch, which the oneDNN convolution
+        # rejects; they contribute zeros instead.
+        return tf.cond(tf.shape(labels)[0] > 0, lambda: replica_sums(images, labels),
+                       lambda: tf.zeros([4]))
+
+    @tf.function(reduce_retracing=True)
+    def eval_step(images, labels):
+        return strategy.reduce(SUM, strategy.run(replica_eval, args=(images, labels)), axis=None)
+
+    return eval_step
+
+
+def evaluate(eval_step: Callable, eval_dataset) -> dict:
+    """Loss, top-1 and top-5 over the whole evaluation split (every example exactly once)."""
+    totals = np.zeros(4)
+    for images, labels in eval_dataset:
+        totals += eval_step(images, labels).numpy()
+    loss, top1, top5, count = totals
+    return {"loss": loss / max(count, 1), "accuracy": top1 / max(count, 1),
+            "top5_accuracy": top5 / max(count, 1), "examples": int(count)}
+
