@@ -9,9 +9,17 @@ PyTorch install of its own, e.g. a virtualenv that has only torch (plain `pip in
 
 The model is the paper's reference implementation (Trockman & Kolter, arXiv:2201.09792, its
 `ConvMixer` function: nn.Conv2d, nn.GELU, nn.BatchNorm2d with PyTorch's defaults, a Residual
-wrapper), trained with AdamW on one cached random batch in float32, channels-first as the reference
-does, eager mode. Like `convmixer_dist.benchmark`'s `custom_input_excluded` run it excludes input,
-warms up, then prints the median images/s of the timed windows and writes it as JSON (`--output`).
+wrapper), trained with AdamW on one cached random batch in float32. By default it runs as the
+reference does (channels-first, eager); the variants a PyTorch user would try for speed:
+
+- `--channels_last`: model and batch in `torch.channels_last` memory format (NHWC, what oneDNN's
+  CPU convolutions prefer);
+- `--compile`: the model wrapped in `torch.compile` (TorchInductor; needs a C++ compiler);
+- `--all_variants`: all four combinations in one process, windows taken round-robin (one window of
+  each variant in turn, so a change in machine load hits all alike); reports each and the best.
+
+Like `convmixer_dist.benchmark`'s `custom_input_excluded` run it excludes input, warms up, then
+prints the median images/s of the timed windows and writes it as JSON (`--output`).
 """
 from __future__ import annotations
 
@@ -44,6 +52,14 @@ def conv_mixer(dim: int, depth: int, kernel_size: int, patch_size: int, n_classe
         nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(dim, n_classes))
 
 
+VARIANTS = {"eager": (False, False), "channels_last": (True, False), "compile": (False, True),
+            "compile_channels_last": (True, True)}  # name: (channels_last, compile)
+
+
+def variant_name(channels_last: bool, compiled: bool) -> str:
+    return next(name for name, v in VARIANTS.items() if v == (channels_last, compiled))
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hidden_dim", type=int, default=256)
@@ -57,41 +73,65 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--windows", type=int, default=5)
     p.add_argument("--window_steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 = torch's default")
+    p.add_argument("--channels_last", action="store_true", help="NHWC memory format (torch.channels_last)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (TorchInductor)")
+    p.add_argument("--all_variants", action="store_true",
+                   help="time eager, channels_last, compile and compile_channels_last round-robin")
     p.add_argument("--output", default="", help="JSON file for the result; empty = print only")
     return p.parse_args()
 
 
-def main() -> None:
-    args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def make_window(args: argparse.Namespace, channels_last: bool, compiled: bool):
+    """A function timing one window of training steps of a freshly built model in this variant."""
     torch.manual_seed(0)
     model = conv_mixer(args.hidden_dim, args.depth, args.kernel_size, args.patch_size, args.num_classes)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.01)
-    loss_fn = nn.CrossEntropyLoss()
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     labels = torch.randint(0, args.num_classes, (args.batch_size,))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.01)
+    forward = torch.compile(model) if compiled else model
+    loss_fn = nn.CrossEntropyLoss()
     model.train()
 
     def window() -> float:
         start = time.perf_counter()
         for _ in range(args.window_steps):
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(images), labels)
+            loss = loss_fn(forward(images), labels)
             loss.backward()
             optimizer.step()
-        float(loss)
+        float(loss.detach())
         return time.perf_counter() - start
 
+    return window
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    chosen = list(VARIANTS) if args.all_variants else [variant_name(args.channels_last, args.compile)]
+    windows = {name: make_window(args, *VARIANTS[name]) for name in chosen}
     for _ in range(args.warmup_windows):
-        window()
-    rates = []
+        for window in windows.values():
+            window()
+    rates: dict[str, list[float]] = {name: [] for name in chosen}
     for i in range(args.windows):
-        rates.append(args.window_steps * args.batch_size / window())
-        print(f"  torch: window {i + 1}/{args.windows} {rates[-1]:.1f} img/s", flush=True)
-    result = {**vars(args), "images_per_sec": statistics.median(rates), "window_images_per_sec": rates,
+        for name, window in windows.items():
+            rates[name].append(args.window_steps * args.batch_size / window())
+            print(f"  torch {name}: window {i + 1}/{args.windows} {rates[name][-1]:.1f} img/s", flush=True)
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    best = max(medians, key=medians.get)
+    result = {**vars(args), "variant": best, "images_per_sec": medians[best],
+              "window_images_per_sec": rates[best],
+              "variants": {name: {"images_per_sec": medians[name], "window_images_per_sec": rates[name]}
+                           for name in chosen},
               "torch": torch.__version__, "threads": torch.get_num_threads()}
-    print(f"torch_reference: {result['images_per_sec']:.1f} img/s (median of {args.windows}), "
+    for name in chosen:
+        print(f"torch_reference {name}: {medians[name]:.1f} img/s (median of {args.windows})", flush=True)
+    print(f"torch_reference: {medians[best]:.1f} img/s ({best}{', the best' * (len(chosen) > 1)}), "
           f"torch {torch.__version__}, {result['threads']} threads", flush=True)
     if args.output:
         with open(args.output, "w") as f:

@@ -42,12 +42,39 @@ def test_peak_table_matches_whole_model_names_only():
     assert flops.peak_tflops("Intel(R) Xeon(R) CPU", "float32") is None
 
 
+def _cpuinfo(vendor: str, family: int, model: int, mhz: float, flags: str) -> str:
+    return (f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+            f"cpu MHz\t\t: {mhz:.3f}\nflags\t\t: {flags}\n")
+
+
 def test_cpu_peak_from_cpuinfo_states_its_formula():
-    xeon = "processor\t: 0\ncpu MHz\t\t: 2100.000\nflags\t\t: fpu sse2 avx avx2 fma avx512f amx_bf16\n"
+    xeon = _cpuinfo("GenuineIntel", 6, 143, 2100, "fpu sse2 avx avx2 fma avx512f amx_bf16")
     peak, formula = flops.cpu_peak(xeon * 2, cores=2)
-    assert peak == pytest.approx(2 * 2.1e9 * 16 * 2 * 2 / 1e12)  # 0.2688 TFLOP/s
-    assert "16 fp32 lanes" in formula and "2 FMA units" in formula and "assumed" in formula
+    assert peak == pytest.approx(2 * 2.1e9 * 16 * 2 * 2 / 1e12)  # 512-bit: 0.2688 TFLOP/s
+    assert "16 fp32 lanes (ISA width)" in formula and "2 FMA units" in formula and "assumed" in formula
     assert flops.cpu_peak(xeon, cores=1, max_mhz=3000)[0] == pytest.approx(3e9 * 64 / 1e12)
-    avx2 = "cpu MHz : 1000\nflags : sse2 avx avx2 fma\n"
+    avx2 = "cpu MHz : 1000\nflags : sse2 avx avx2 fma\n"  # no vendor or family: the ISA width
     assert flops.cpu_peak(avx2, cores=4)[0] == pytest.approx(4 * 1e9 * 8 * 2 * 2 / 1e12)
     assert flops.cpu_peak("flags : neon\n", cores=4) is None  # unknown width or clock: --peak_tflops
+
+
+def test_cpu_peak_knows_256_bit_datapaths_behind_avx512():
+    # Zen 4 (family 25, model 17) decodes AVX-512 but executes it on 256-bit units: half the
+    # 512-bit formula. Zen 3 (family 25, model 1, AVX2) is 256-bit too, Zen 1 (family 23) 128-bit.
+    zen4 = _cpuinfo("AuthenticAMD", 25, 17, 2600, "sse2 avx avx2 fma avx512f avx512_bf16")
+    peak, formula = flops.cpu_peak(zen4, cores=2)
+    assert peak == pytest.approx(2 * 2.6e9 * 8 * 2 * 2 / 1e12)  # 0.1664, not 0.3328
+    assert "8 fp32 lanes (256-bit datapath of Zen 3/Zen 4)" in formula
+    zen3 = _cpuinfo("AuthenticAMD", 25, 1, 2450, "sse2 avx avx2 fma")
+    assert flops.cpu_peak(zen3, cores=2)[0] == pytest.approx(2 * 2.45e9 * 32 / 1e12)
+    zen1 = _cpuinfo("AuthenticAMD", 23, 1, 2000, "sse2 avx avx2 fma")
+    assert flops.cpu_peak(zen1, cores=1)[0] == pytest.approx(2e9 * 4 * 2 * 2 / 1e12)
+    zen5 = _cpuinfo("AuthenticAMD", 26, 2, 2000, "sse2 avx avx2 fma avx512f")  # full 512-bit units
+    assert flops.cpu_peak(zen5, cores=1)[0] == pytest.approx(2e9 * 16 * 2 * 2 / 1e12)
+
+
+def test_measured_matmul_peak_is_a_positive_rate_in_the_policy_dtype():
+    measured = flops.measure_matmul_tflops("float32", size=128, windows=2, window_seconds=0.02)
+    assert measured["tflops"] > 0 and measured["tflops_max"] >= measured["tflops"]
+    assert measured["dtype"] == "float32" and measured["chain"] >= 1 and len(measured["window_seconds"]) == 2
+    assert flops.measure_matmul_tflops("mixed_bfloat16", size=64, windows=1, window_seconds=0.01)["dtype"] == "bfloat16"

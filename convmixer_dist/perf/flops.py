@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import re
+import statistics
 
 # Dense peak throughput per GPU in TFLOP/s (vendor datasheets, no sparsity). float32 on Ampere and
 # newer is TF32 on the tensor cores, which TensorFlow enables by default for matmuls and convolutions.
@@ -87,21 +88,28 @@ def graph_flops(model, image_size: int, channels: int = 3) -> dict[str, int]:
     return dict(totals)
 
 
-# CPU peak, float32: cores x clock x SIMD lanes x FMA units per core x 2 FLOPs per FMA. Two FMA units
-# per core is an assumption (server Xeons since Skylake-SP have two AVX-512 FMA ports; some parts and
-# many laptop chips have one), and so is the clock: the highest frequency the kernel reports, which
-# under a hypervisor is often the nominal one, not turbo.
+# CPU peak, float32: cores x clock x fp32 lanes per FMA x FMA units per core x 2 FLOPs per FMA.
+# The lanes are those of the vector *datapath*, which is not always the instruction set's width:
+# AMD Zen 4 runs AVX-512 on 256-bit units (a 512-bit FMA takes two), Zen 2/3 and Intel's AVX2 parts
+# are 256-bit, Zen 1 128-bit. `_DATAPATH_BITS` knows the x86 families where the datapath is narrower
+# than the ISA; elsewhere the ISA width is assumed. Two FMA units per core is an assumption (Zen 2-5
+# and Intel cores since Haswell have two; some Xeon Silver/Bronze and laptop parts one), and so is
+# the clock: the highest frequency the kernel reports, under a hypervisor often the nominal one,
+# not turbo. Hence `measure_matmul_tflops`: the achievable peak, measured.
 CPU_FMA_UNITS = 2
 _SIMD_FP32_LANES = (("avx512f", 16), ("avx2", 8), ("avx", 8), ("sse2", 4))
+# (vendor, family, first model, last model) -> vector datapath width in bits, from AMD's and the
+# public microarchitecture descriptions of each family.
+_DATAPATH_BITS = (
+    (("AuthenticAMD", 0x17, 0x00, 0x2F), 128, "Zen 1/Zen+"),
+    (("AuthenticAMD", 0x17, 0x30, 0xFF), 256, "Zen 2"),
+    (("AuthenticAMD", 0x19, 0x00, 0xFF), 256, "Zen 3/Zen 4"),
+)
 
 
-def cpu_peak(cpuinfo: str, cores: int, max_mhz: float | None = None) -> tuple[float, str] | None:
-    """Float32 vector peak TFLOP/s of `cores` cores described by /proc/cpuinfo text, and the formula.
-
-    `max_mhz` (e.g. from cpufreq's cpuinfo_max_freq) wins over cpuinfo's "cpu MHz" lines. None when
-    the clock or the vector width cannot be read (other architectures): pass --peak_tflops there.
-    """
-    flags, mhz = set(), []
+def _cpuinfo_fields(cpuinfo: str) -> tuple[set, list[float], dict[str, str]]:
+    """Flags, the "cpu MHz" values and the first value of every other key of /proc/cpuinfo text."""
+    flags, mhz, first = set(), [], {}
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
@@ -112,15 +120,43 @@ def cpu_peak(cpuinfo: str, cores: int, max_mhz: float | None = None) -> tuple[fl
                 mhz.append(float(value))
             except ValueError:
                 pass
+        elif key:
+            first.setdefault(key, value.strip())
+    return flags, mhz, first
+
+
+def _datapath(first: dict[str, str], isa_bits: int) -> tuple[int, str]:
+    """Vector datapath bits of the described core and why: a known family's, else the ISA width."""
+    try:
+        vendor, family, model = first.get("vendor_id", ""), int(first["cpu family"]), int(first["model"])
+    except (KeyError, ValueError):
+        return isa_bits, "ISA width"
+    for (v, f, low, high), bits, name in _DATAPATH_BITS:
+        if vendor == v and family == f and low <= model <= high:
+            return min(bits, isa_bits), f"{bits}-bit datapath of {name}"
+    return isa_bits, "ISA width"
+
+
+def cpu_peak(cpuinfo: str, cores: int, max_mhz: float | None = None) -> tuple[float, str] | None:
+    """Nominal float32 vector peak TFLOP/s of `cores` cores described by /proc/cpuinfo text, and the
+    formula with its assumptions.
+
+    `max_mhz` (e.g. from cpufreq's cpuinfo_max_freq) wins over cpuinfo's "cpu MHz" lines. None when
+    the clock or the vector width cannot be read (other architectures): pass --peak_tflops there.
+    """
+    flags, mhz, first = _cpuinfo_fields(cpuinfo)
     clock = max_mhz or (max(mhz) if mhz else None)
-    lanes = next((n for flag, n in _SIMD_FP32_LANES if flag in flags), None)
+    isa_lanes = next((n for flag, n in _SIMD_FP32_LANES if flag in flags), None)
     fma = CPU_FMA_UNITS if "fma" in flags or "avx512f" in flags else 1
-    if not clock or not lanes or cores < 1:
+    if not clock or not isa_lanes or cores < 1:
         return None
+    bits, why = _datapath(first, 32 * isa_lanes)
+    lanes = bits // 32
     flops_per_cycle = lanes * fma * 2
     tflops = cores * clock * 1e6 * flops_per_cycle / 1e12
-    return tflops, (f"{cores} cores x {clock / 1000:.2f} GHz x {lanes} fp32 lanes x {fma} FMA units x 2 "
-                    f"FLOPs = {tflops:.3f} TFLOP/s (assumed: {fma} FMA units per core, this clock)")
+    return tflops, (f"{cores} cores x {clock / 1000:.2f} GHz x {lanes} fp32 lanes ({why}) x {fma} FMA "
+                    f"units x 2 FLOPs = {tflops:.3f} TFLOP/s (assumed: {fma} FMA units per core, this "
+                    f"clock)")
 
 
 def read_cpu_peak(cores: int) -> tuple[float, str] | None:
@@ -145,3 +181,48 @@ def peak_tflops(device_name: str, policy: str) -> float | None:
         if re.search(rf"\b{key}\b", device_name.upper()):  # "A10" must not match "A100", "L4" not "L40S"
             return peaks.get(policy) or None
     return None
+
+
+MATMUL_DTYPES = {"float32": "float32", "mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
+PEAK_MATMUL_SIZE = 2048  # 17 GFLOP per product: long enough for a CPU, chained for a GPU
+
+
+def measure_matmul_tflops(policy: str = "float32", size: int = PEAK_MATMUL_SIZE, windows: int = 3,
+                          device: str | None = None, window_seconds: float = 0.3) -> dict:
+    """The achievable peak: TFLOP/s of a square matmul chain through TensorFlow in the compute dtype
+    of the precision `policy`, on `device` (default placement if None), timed like the benchmark's
+    runs (an untimed warm-up window, then the median of `windows` windows).
+
+    One window is a tf.function computing x <- x @ b `chain` times (b scaled by 1/sqrt(size), so the
+    values stay in range), `chain` calibrated so that a window lasts about `window_seconds`.
+    Returns {"tflops", "tflops_max", "dtype", "size", "chain", "window_seconds"}.
+    """
+    import math
+    import time
+
+    import tensorflow as tf
+
+    from convmixer_dist.perf.timing import time_calls
+
+    dtype = MATMUL_DTYPES.get(policy, policy)
+    with tf.device(device):
+        a = tf.cast(tf.random.stateless_normal([size, size], seed=[1, 2]), dtype)
+        b = tf.cast(tf.random.stateless_normal([size, size], seed=[3, 4]) / math.sqrt(size), dtype)
+
+        @tf.function
+        def product_chain(x, chain):
+            for _ in tf.range(chain):
+                x = tf.linalg.matmul(x, b)
+            return x[0, 0]
+
+        def run(chain: int):
+            float(product_chain(a, tf.constant(chain)))  # the host waits for the result
+
+        run(1)  # trace
+        start = time.perf_counter()
+        run(1)
+        chain = max(1, round(window_seconds / max(time.perf_counter() - start, 1e-6)))
+        seconds = time_calls(lambda: run(chain), 1, windows)
+    flops = 2.0 * size ** 3 * chain
+    return {"tflops": flops / statistics.median(seconds) / 1e12, "tflops_max": flops / min(seconds) / 1e12,
+            "dtype": dtype, "size": size, "chain": chain, "window_seconds": seconds}
