@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import glob
 import json
 import os
 import socket
+import stat
 import tempfile
 import time
 
@@ -151,7 +153,7 @@ def _process_start(pid: int) -> str | None:
 
 def _alive(holder: dict) -> bool:
     """Whether the lock's process still runs (only decidable on its own host)."""
-    pid = int(holder["pid"])
+    pid = holder["pid"]
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -162,20 +164,59 @@ def _alive(holder: dict) -> bool:
     return start is None or _process_start(pid) in (None, start)
 
 
+# The largest process id Linux can hand out (PID_MAX_LIMIT, 2**22); a lock naming a pid outside
+# 1..PID_MAX is not one this program wrote (0 and negative pids mean process groups to kill()).
+PID_MAX = 2 ** 22
+_LOCK_MAX_BYTES = 4096
+
+
+class _NotALock(Exception):
+    """MODEL_DIR/.lock exists but is not a lock this program writes; the message says why."""
+
+
 def _read_lock(path: str) -> dict | None:
+    """The holder of the lock at `path`: {"pid", "host", "start", "since"}; None if there is no lock.
+
+    The rule for anything else there: a lock is a regular file of at most 4 KiB holding a JSON
+    object with `pid` an integer in 1..PID_MAX and `host` a non-empty string (`start`, `since`:
+    strings if present). Any other content (not JSON, other types, an impossible pid, a directory,
+    a link, a FIFO) raises _NotALock: it cannot be checked, so it is reported, never taken over."""
     try:
-        with open(path) as f:
-            holder = json.load(f)
-        int(holder["pid"]), str(holder["host"])
-        return holder
-    except (OSError, ValueError, KeyError, TypeError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
         return None
+    except OSError as err:
+        why = "a symbolic link" if err.errno == errno.ELOOP else err.strerror
+        raise _NotALock(why) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _NotALock("not a regular file")
+        raw = os.read(fd, _LOCK_MAX_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > _LOCK_MAX_BYTES:
+        raise _NotALock(f"larger than {_LOCK_MAX_BYTES} bytes")
+    try:
+        holder = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise _NotALock("empty" if not raw.strip() else "not JSON") from None
+    if not isinstance(holder, dict):
+        raise _NotALock("not a JSON object")
+    pid, host = holder.get("pid"), holder.get("host")
+    if type(pid) is not int or not 1 <= pid <= PID_MAX:
+        raise _NotALock(f"pid {str(pid)[:40]} is not a process id")
+    if not isinstance(host, str) or not host:
+        raise _NotALock("no host name")
+    if not all(isinstance(holder.get(key), (str, type(None))) for key in ("start", "since")):
+        raise _NotALock("start or since is not a string")
+    return holder
 
 
 def acquire_run_lock(model_dir: str) -> None:
     """Take MODEL_DIR/.lock (pid, host, start time) or raise a UsageError naming the process that
     holds it. A lock left by a process that died on this host is stale and taken over; a lock from
-    another host cannot be checked and is reported (delete it if that process is gone)."""
+    another host cannot be checked and is reported (delete it if that process is gone), and so is a
+    file there that is not a lock (see _read_lock)."""
     path = os.path.join(model_dir, LOCK_FILE)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
           "since": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -183,6 +224,8 @@ def acquire_run_lock(model_dir: str) -> None:
         tmp = f"{path}.{me['pid']}.tmp"
         with open(tmp, "w") as f:
             json.dump(me, f)
+            f.flush()
+            os.fsync(f.fileno())  # A crash right after the link must not leave an empty lock.
         try:
             os.link(tmp, path)  # Atomic and never half-written: the lock appears complete or not at all.
             _HELD.add(os.path.abspath(path))
@@ -191,18 +234,25 @@ def acquire_run_lock(model_dir: str) -> None:
             pass
         finally:
             os.unlink(tmp)
-        holder = _read_lock(path)
-        if holder is not None and int(holder["pid"]) == me["pid"] and holder["host"] == me["host"]:
+        try:
+            holder = _read_lock(path)
+        except _NotALock as why:
+            raise UsageError(f"--model_dir={model_dir}: {path} is not a run lock ({why}); delete it "
+                             "if no run uses this directory") from None
+        if holder is None:
+            continue  # Released meanwhile: try again.
+        if holder["pid"] == me["pid"] and holder["host"] == me["host"]:
             _HELD.add(os.path.abspath(path))
             return  # This process already holds it (a second run in one process, e.g. tests).
-        if holder is not None and (holder["host"] != me["host"] or _alive(holder)):
+        if holder["host"] != me["host"] or _alive(holder):
             raise UsageError(f"--model_dir={model_dir} is in use by pid {holder['pid']} on "
-                             f"{holder['host']} (since {holder.get('since', '?')}); wait for it to finish, "
+                             f"{holder['host']} (since {holder.get('since') or '?'}); wait for it to finish, "
                              f"pick another --model_dir, or delete {path} if that process is gone")
-        # Stale (its process is dead) or unreadable: take it over, unless it changed meanwhile.
-        if _read_lock(path) == holder:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        # Stale (its process is dead): take it over, unless it changed meanwhile.
+        with contextlib.suppress(_NotALock):
+            if _read_lock(path) == holder:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
     raise UsageError(f"--model_dir={model_dir}: could not take {path}; another run keeps taking it")
 
 
@@ -212,8 +262,11 @@ def release_run_lock(model_dir: str) -> None:
     if path not in _HELD:
         return
     _HELD.discard(path)
-    holder = _read_lock(path)
-    if holder is not None and int(holder["pid"]) == os.getpid():
+    try:
+        holder = _read_lock(path)
+    except _NotALock:
+        return  # Replaced by something else meanwhile: not this process's to remove.
+    if holder is not None and holder["pid"] == os.getpid():
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
