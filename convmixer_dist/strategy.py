@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import tensorflow as tf
 
@@ -77,24 +78,56 @@ def refuse_other_tasks(spec) -> None:
                          "instead of a side-car evaluator")
 
 
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)")
+
+
+def check_address(address, where: str) -> None:
+    """UsageError unless `address` is a string "host:port" (host a name, an IPv4 address or an
+    [IPv6] address; port a decimal number in 1..65535)."""
+    if not isinstance(address, str):
+        raise UsageError(f"TF_CONFIG {where}: {json.dumps(address)[:60]} is not a \"host:port\" string")
+    host, sep, port = address.rpartition(":")
+    if not sep or not _HOST.fullmatch(host) or not re.fullmatch(r"[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
+        raise UsageError(f"TF_CONFIG {where}: {address[:60]!r} is not host:port with a port in 1..65535")
+
+
 def validate_tf_config(raw: str | None) -> dict:
-    """Parse TF_CONFIG for multi_worker; one-line UsageError when missing or malformed."""
+    """Parse TF_CONFIG for multi_worker; one-line UsageError when missing or malformed.
+
+    Checked strictly, as the launchers write it: `cluster` maps job names (worker, chief) to lists
+    of "host:port" strings (at most one chief), `task` has `type` one of those jobs and `index` an
+    integer (not a string or a bool) into its list."""
     expected = ('{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": I}} '
                 "(launch/local.sh writes it for you)")
     if not raw:
         raise UsageError(f"--strategy=multi_worker needs TF_CONFIG; set it to {expected}")
     try:
         spec = json.loads(raw)
-        workers = spec["cluster"]["worker"] + spec["cluster"].get("chief", [])
-        task_type, index = spec["task"]["type"], int(spec["task"]["index"])
-        # Explicit checks, not `assert`: `python -O` removes asserts.
-        well_formed = task_type in spec["cluster"] and 0 <= index < len(spec["cluster"][task_type])
-    except (ValueError, KeyError, TypeError, AttributeError):
-        well_formed = False
-    if not well_formed:
+    except (ValueError, RecursionError):
+        spec = None
+    cluster_spec = spec.get("cluster") if isinstance(spec, dict) else None
+    task = spec.get("task") if isinstance(spec, dict) else None
+    if not isinstance(cluster_spec, dict) or not isinstance(task, dict) or "worker" not in cluster_spec:
         raise UsageError(f"TF_CONFIG is malformed: expected {expected}")
     refuse_other_tasks(spec)
-    if len(workers) < 2:
+    for job, addresses in cluster_spec.items():
+        if not isinstance(addresses, list):
+            raise UsageError(f"TF_CONFIG cluster.{job} is not a list of \"host:port\" strings")
+        for i, address in enumerate(addresses):
+            check_address(address, f"cluster.{job}[{i}]")
+    if len(cluster_spec.get("chief", [])) > 1:
+        raise UsageError("TF_CONFIG cluster.chief lists more than one task; expected at most one chief")
+    task_type, index = task.get("type"), task.get("index")
+    if task_type not in cluster_spec:
+        raise UsageError(f"TF_CONFIG task.type {json.dumps(task_type)[:40]} is not a job of cluster "
+                         f"({', '.join(sorted(cluster_spec))}); TF_CONFIG is malformed")
+    if type(index) is not int or not 0 <= index < len(cluster_spec[task_type]):
+        raise UsageError(f"TF_CONFIG task.index {json.dumps(index)[:40]} is not an integer in "
+                         f"0..{len(cluster_spec[task_type]) - 1} (cluster.{task_type}); TF_CONFIG is malformed")
+    addresses = [a for job in TASK_TYPES for a in cluster_spec.get(job, [])]
+    if len(set(addresses)) != len(addresses):
+        raise UsageError("TF_CONFIG lists the same host:port for two tasks; each task needs its own port")
+    if len(addresses) < 2:
         raise UsageError("--strategy=multi_worker needs at least 2 tasks in TF_CONFIG; use "
                          "--strategy=mirrored on one host")
     return spec
