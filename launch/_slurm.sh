@@ -6,8 +6,9 @@
 gpus_per_node() {
   local gpus=${GPUS_PER_NODE:-${SLURM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}}
   gpus=${gpus##*:}
-  if ! [[ $gpus =~ ^[0-9]+$ ]]; then
-    echo "error: launch/slurm.sbatch: GPUs per node '$gpus' (GPUS_PER_NODE or --gpus-per-node) is not a number" >&2
+  # Checked as text before any arithmetic: bash reads 08 as bad octal and wraps huge numbers.
+  if ! [[ $gpus =~ ^(0|[1-9][0-9]?)$ ]] || (( gpus > 64 )); then
+    echo "error: launch/slurm.sbatch: GPUs per node '$gpus' (GPUS_PER_NODE or --gpus-per-node) is not a decimal number in 0..64" >&2
     return 2
   fi
   echo "$gpus"

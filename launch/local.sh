@@ -10,8 +10,9 @@ usage() {
 }
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then usage; exit 0; fi
 n=${1:-}
-if ! [[ $n =~ ^[0-9]+$ ]] || (( n < 2 )); then
-  echo "error: launch/local.sh: N='${n}': expected a number of workers >= 2 (see -h)" >&2; exit 2
+# Checked as text before any arithmetic: bash reads 08 as bad octal and wraps huge numbers.
+if ! [[ $n =~ ^[1-9][0-9]{0,2}$ ]] || (( n < 2 || n > 256 )); then
+  echo "error: launch/local.sh: N='${n}': expected a decimal number of workers in 2..256 (see -h)" >&2; exit 2
 fi
 shift
 model_dir=""

@@ -11,7 +11,7 @@ usage() {
 }
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then usage; exit 0; fi
 hosts_file=${1:-}
-if [[ -z $hosts_file || ! -r $hosts_file ]]; then
+if [[ -z $hosts_file || ! -f $hosts_file || ! -r $hosts_file ]]; then
   echo "error: launch/ssh.sh: HOSTS_FILE='${hosts_file}' is not a readable file (see -h)" >&2; exit 2
 fi
 shift
@@ -28,12 +28,15 @@ line_no=0
 while IFS= read -r line || [[ -n $line ]]; do
   line_no=$((line_no + 1))
   line=${line%%#*}
-  line=${line//[[:space:]]/}
+  line=${line#"${line%%[![:space:]]*}"}  # Surrounding blanks only: `node1 2222` is an error, not node12222.
+  line=${line%"${line##*[![:space:]]}"}
   [[ -z $line ]] && continue
-  if [[ $line =~ ^[A-Za-z0-9._-]+$ ]]; then
+  # Checked as text before any arithmetic (no leading zeros, at most 5 digits); a host never starts
+  # with '-' (ssh would read it as an option).
+  if [[ $line =~ ^[A-Za-z0-9_.][A-Za-z0-9._-]*$ ]]; then
     line="$line:2222"
-  elif ! [[ $line =~ ^[A-Za-z0-9._-]+:([0-9]{1,5})$ ]] || (( BASH_REMATCH[1] < 1 || BASH_REMATCH[1] > 65535 )); then
-    echo "error: $hosts_file:$line_no: '$line' is not a host or host:port" >&2; exit 2
+  elif ! [[ $line =~ ^[A-Za-z0-9_.][A-Za-z0-9._-]*:([1-9][0-9]{0,4})$ ]] || (( BASH_REMATCH[1] > 65535 )); then
+    echo "error: $hosts_file:$line_no: '$line' is not a host or host:port (port 1..65535)" >&2; exit 2
   fi
   hosts+=("$line")
 done <"$hosts_file"

@@ -181,3 +181,33 @@ def test_ssh_sh_stop_reaches_the_remote_workers(tmp_path):
     while len(list(tmp_path.glob("stopped.*"))) < 2:
         assert time.time() < deadline + 10, "a remote worker was not stopped"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("count", ["08", "09", "010", "0", "-2", "+3", "2.0", "0x10", "257", "99999999999999999999",
+                                   " 2", "2 ", "٣"])
+def test_local_sh_count_is_checked_as_text_before_any_arithmetic(tmp_path, count):
+    result = sh("launch/local.sh", count, f"--model_dir={tmp_path / 'run'}", env={"PYTHON": "false"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: launch/local.sh: N='{count}': expected a decimal number of workers in 2..256 (see -h)"]
+    assert not (tmp_path / "run").exists() and result.stdout == ""
+
+
+@pytest.mark.parametrize("line", ["node1 2222", "node1\t2222", "node1:2222 x", "node1:02222", "node1:0",
+                                  "node1:65536", "node1:", ":2222", "-oProxyCommand=touch_x", "node1:22:22",
+                                  "user@node1", "node1:99999999999999999999"])
+def test_ssh_hosts_line_is_rejected_with_its_line_number_not_glued(tmp_path, line):
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"# cluster\n  node0  \n{line}\n")
+    result = sh("launch/ssh.sh", str(hosts), env={"SSH": "false", "LOG_DIR": str(tmp_path / "logs")})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {hosts}:3: '{line.strip()}' is not a host or host:port (port 1..65535)"]
+    assert not (tmp_path / "logs").exists()
+
+
+def test_ssh_sh_with_a_directory_as_hosts_file_is_one_line_exit_2(tmp_path):
+    result = sh("launch/ssh.sh", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: launch/ssh.sh: HOSTS_FILE='{tmp_path}' is not a readable file (see -h)"]

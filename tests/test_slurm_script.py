@@ -133,3 +133,22 @@ def test_batch_script_passes_usr1_from_slurm_to_the_workers(tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert "scancel --signal=USR1 42" in _calls(tmp_path)
     assert proc.returncode == 75 and "scontrol requeue 42" in _calls(tmp_path)
+
+
+@pytest.mark.parametrize("gpus", ["08", "09", "-1", "65", "99999999999999999999", "4 ", "0x8", "1e3", ""])
+def test_gpus_per_node_is_checked_as_text_before_any_arithmetic(gpus):
+    code, out, err = lib("gpus_per_node", {"GPUS_PER_NODE": gpus} if gpus else {"SLURM_GPUS_ON_NODE": "x"})
+    assert code == 2 and out == "" and len(err.splitlines()) == 1
+    assert err.startswith("error:") and "decimal number in 0..64" in err
+
+
+@pytest.mark.parametrize("env", [{"GPUS_PER_NODE": "08"}, {"SLURM_JOB_NUM_NODES": "02"}])
+def test_batch_script_with_a_bad_number_starts_no_srun(tmp_path, env):
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "GPUS_PER_NODE"))}
+    base.update(_fake_slurm(tmp_path, "exit 0"), **env)
+    result = subprocess.run(["bash", "launch/slurm.sbatch", "--model_dir=x"], cwd=ROOT, env=base,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: launch/slurm.sbatch: ")
+    assert not (tmp_path / "calls").exists()  # srun never ran
