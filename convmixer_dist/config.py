@@ -57,8 +57,9 @@ def setting(default: Any, help: str, *, choices: Optional[Sequence[str]] = None,
     setting has bounds; its upper bound refuses values that can only be typos. `unset="preset"` (a
     model size from `--model`) or `unset="dataset"` (from `--dataset`) gives the flag no default:
     unset, `flags.resolve` fills it in, and the field's default is that of the default preset or
-    dataset. `flagfile=False`: an action of this invocation only (e.g. --overwrite), never written
-    to flags.txt.
+    dataset. `flagfile=False`: never written to flags.txt, for an action of this invocation only
+    (e.g. --overwrite) and for --model_dir (a run's flags.txt never says where the run lives: the
+    directory holding it does, so a copied or moved run resumes where it is now).
     """
     return dataclasses.field(default=default, metadata=dict(
         help=help, choices=tuple(choices) if choices is not None else None, bounds=bounds, unset=unset,
@@ -132,6 +133,11 @@ def flag_text(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+# The first line of every run's flags.txt (since the first version): how `flags.run_directory`
+# recognises a run's own flags file among flagfiles.
+RUN_FLAGS_HEADER = "# Resolved flags of this run; rerun with --flagfile=<this file>."
 
 
 def read_flagfile(path: str) -> dict[str, str]:
@@ -274,7 +280,9 @@ class Config:
                        "CPU (where it is ~7x slower).", choices=XLA_MODES)
     # Output.
     model_dir: str = setting("runs/default", "Checkpoints, TensorBoard events, flags.txt, summary.json. "
-                             "A rerun with the same directory resumes.")
+                             "A rerun with the same directory resumes. Given on the command line it "
+                             "wins over every flagfile; --flagfile=RUN/flags.txt means RUN (where the run "
+                             "is now, also after a copy or move).", flagfile=False)
     checkpoint_every_steps: int = setting(1000, "Checkpoint period in steps (also at the end).",
                                           bounds=(1, INT_LIMIT, "[)"))
     keep_checkpoints: int = setting(3, "Checkpoints kept.", bounds=(1, 100000, "[]"))
@@ -310,7 +318,7 @@ class Config:
 
     def to_flagfile(self) -> str:
         """The config as an absl flagfile (one `--name=value` line per field)."""
-        lines = ["# Resolved flags of this run; rerun with --flagfile=<this file>."]
+        lines = [RUN_FLAGS_HEADER]
         for field in dataclasses.fields(self):
             if not field.metadata["flagfile"]:
                 continue

@@ -159,13 +159,71 @@ def overrides_from_flags(flag_values: flags.FlagValues = FLAGS) -> dict[str, str
             if flag_values[field.name].present}
 
 
+def _is_run_flags_file(path: str) -> bool:
+    """Whether `path` is a run's own flags.txt (named so, starting with `config.RUN_FLAGS_HEADER`)."""
+    path = os.path.expanduser(path)
+    if os.path.basename(path) != "flags.txt":
+        return False
+    try:
+        with open(path) as f:
+            return f.readline().rstrip("\n") == cfg.RUN_FLAGS_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def run_directory(args: list[str]) -> Optional[str]:
+    """The --model_dir a command line means where absl's left-to-right reading would say otherwise,
+    else None. A --model_dir given on the command line itself wins over every flagfile
+    (`--model_dir=X --flagfile=configs/quickstart.flags` trains into X); otherwise a run's own
+    flags.txt given as --flagfile means that run's directory, wherever it is now (a copied run
+    resumes in the copy, a moved one at its new place; the `--model_dir` line of older runs'
+    flags.txt, the place they were written, is ignored)."""
+    explicit = run_file = None
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            break
+        name, has_value, value = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and name in ("model_dir", "flagfile"):
+            if not has_value:  # `--model_dir DIR`
+                if i + 1 >= len(args):
+                    break
+                i += 1
+                value = args[i]
+            if name == "model_dir":
+                explicit = value
+            elif _is_run_flags_file(value):
+                run_file = value
+        i += 1
+    if explicit is not None:
+        return explicit
+    if run_file is not None:
+        return os.path.dirname(os.path.expanduser(run_file)) or "."
+    return None
+
+
+def place_run(args: list[str], flag_values: flags.FlagValues = FLAGS) -> None:
+    """Set --model_dir as `run_directory(args)` says (and mark it given, as commands that reopen a
+    run require it)."""
+    if "model_dir" not in flag_values:
+        return
+    directory = run_directory(args)
+    if directory is not None:
+        flag_values["model_dir"].value = directory
+        flag_values["model_dir"].using_default_value = False
+        flag_values["model_dir"].present = max(1, flag_values["model_dir"].present)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing whose errors (unknown flag or value, missing or circular flagfile, a
     flagfile line that is not a flag) are one line with exit code 2 instead of absl's two lines and
-    code 1 (or a warning and silently different flags)."""
+    code 1 (or a warning and silently different flags); --model_dir then as `run_directory` says."""
     try:
         check_flagfiles(argv[1:])
-        return FLAGS(argv)
+        rest = FLAGS(argv)
+        place_run(argv[1:])
+        return rest
     except flags.Error as err:
         report_and_exit(UsageError(str(err)))
     except UsageError as err:

@@ -1,6 +1,6 @@
 """The model directory: created only once the inputs are known to be valid, with the run's flags.
 
-Layout: flags.txt (resolved flags, a valid flagfile), checkpoints/ (with identity.json: the flags the
+Layout: flags.txt (resolved flags but --model_dir: the run is where its directory is now), checkpoints/ (with identity.json: the flags the
 checkpoints depend on, written once), train/ and eval/ (TensorBoard events), plugins/profile/
 (profiles), summary.json, and .lock while a run uses the directory. A directory that already holds a
 run is resumed, but only by a run with the same identity; `--overwrite` moves it aside (never deletes it).
@@ -13,6 +13,8 @@ import errno
 import glob
 import json
 import os
+import re
+import shutil
 import socket
 import stat
 import tempfile
@@ -85,6 +87,49 @@ def check_resume_compatible(config: Config) -> None:
                          f"flags, pick another --model_dir, or pass --overwrite to move the old run aside")
 
 
+CHECKPOINT_SUBDIRS = ("checkpoints", "best_checkpoint")
+_INDEX_PATH = re.compile(r'^((?:model_checkpoint_path|all_model_checkpoint_paths): )"([^"]*)"$', re.M)
+
+
+def localize_checkpoint_indexes(model_dir: str) -> None:
+    """Make each `checkpoint` index in MODEL_DIR name its checkpoints relative to its own directory.
+    An index rebuilt from the files on disk (checkpoint.py) lists absolute paths: in a copied or
+    moved run they point at the original place, whose checkpoints resuming would restore and then
+    rotate away."""
+    for sub in CHECKPOINT_SUBDIRS:
+        path = os.path.join(model_dir, sub, "checkpoint")
+        try:
+            with open(path) as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError):
+            continue  # Missing, or unreadable: checkpoint.repair_index rebuilds it.
+        local = _INDEX_PATH.sub(lambda m: f'{m.group(1)}"{os.path.basename(m.group(2))}"', text)
+        if local != text:
+            write_text(path, local)
+
+
+def remove_stale_temp_checkpoints(model_dir: str) -> list[str]:
+    """Remove `ckpt-N_temp` directories of MODEL_DIR: TensorFlow's half-written saves (a save
+    interrupted by a second Ctrl-C or a kill), which no later save cleans; returns what it removed.
+    Only this run's chief calls it, under the run lock, so no save of another process is running."""
+    removed = []
+    for sub in CHECKPOINT_SUBDIRS:
+        for path in sorted(glob.glob(os.path.join(glob.escape(model_dir), sub, "*_temp"))):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+                removed.append(path)
+    return removed
+
+
+def _refuse_overwriting_a_working_directory(model_dir: str) -> None:
+    """--overwrite moves everything in MODEL_DIR: never the current directory or one holding it."""
+    here, target = os.path.realpath(os.getcwd()), os.path.realpath(model_dir)
+    if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+        raise UsageError(f"--model_dir={model_dir} --overwrite: {model_dir} is the current directory "
+                         "or holds it; --overwrite would move everything in it aside (unrelated files "
+                         "too); pass a run's own directory, e.g. --model_dir=runs/NAME")
+
+
 def move_aside(model_dir: str) -> str | None:
     """Move the run in MODEL_DIR (everything but `NOT_MOVED`) into MODEL_DIR.old-TIMESTAMP; returns
     that directory, or None when there was nothing to move. MODEL_DIR itself stays (a launcher's
@@ -94,7 +139,8 @@ def move_aside(model_dir: str) -> str | None:
     entries = sorted(e for e in os.listdir(model_dir) if e not in NOT_MOVED)
     if not entries:
         return None
-    target = f"{model_dir.rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    # Beside MODEL_DIR (its parent's entry), also for a MODEL_DIR spelled with a trailing / or as ".".
+    target = f"{os.path.abspath(model_dir)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
     suffix = 0
     while os.path.exists(target if not suffix else f"{target}-{suffix}"):
         suffix += 1
@@ -124,6 +170,7 @@ def prepare_model_dir(config: Config, chief: bool) -> str | None:
 def _prepare_locked(config: Config, chief: bool) -> str | None:
     moved = None
     if config.overwrite:
+        _refuse_overwriting_a_working_directory(config.model_dir)
         if chief:
             try:
                 moved = move_aside(config.model_dir)
@@ -132,6 +179,10 @@ def _prepare_locked(config: Config, chief: bool) -> str | None:
                                  f"({err.strerror})") from None
     else:
         check_resume_compatible(config)
+        if chief:
+            localize_checkpoint_indexes(config.model_dir)
+            for path in remove_stale_temp_checkpoints(config.model_dir):
+                print(f"removed {path}: a save that never finished", flush=True)
     if chief:
         identity = os.path.join(config.model_dir, IDENTITY_FILE)
         if not os.path.isfile(identity):

@@ -122,3 +122,33 @@ def test_writable_checks_refuse_directories_and_read_only_places(tmp_path):
         rundir.ensure_writable_dir("/sys/kernel", "--model_dir=/sys/kernel")
     rundir.ensure_writable_file(str(tmp_path / "new" / "out.json"), "--output=Y")
     assert os.listdir(tmp_path / "new") == []  # the probe leaves nothing behind
+
+
+def test_overwrite_refuses_the_current_directory_and_puts_the_old_run_beside_the_directory(
+        tmp_path, monkeypatch):
+    model_dir = tmp_path / "run"
+    _prepared(model_dir)
+    (model_dir / "notes.txt").write_text("mine\n")
+    monkeypatch.chdir(model_dir)
+    for spelling in (".", "./", str(model_dir)):  # also a directory holding the current one
+        with pytest.raises(UsageError, match=r"--overwrite: .* is the current directory or holds it"):
+            rundir.prepare_model_dir(tiny_config(spelling, overwrite=True), chief=True)
+        rundir.release_run_lock(spelling)
+    assert sorted(os.listdir(model_dir)) == ["checkpoints", "flags.txt", "notes.txt"]  # nothing moved
+    monkeypatch.chdir(tmp_path)
+    moved = rundir.prepare_model_dir(tiny_config("run/", overwrite=True), chief=True)
+    rundir.release_run_lock("run/")
+    assert os.path.dirname(moved) == str(tmp_path) and os.path.basename(moved).startswith("run.old-")
+    assert os.path.isfile(os.path.join(moved, "checkpoints", "ckpt-0.index"))
+
+
+def test_a_stale_temp_checkpoint_is_removed_on_resume(tmp_path, capsys):
+    model_dir = tmp_path / "run"
+    _prepared(model_dir)
+    temp = model_dir / "checkpoints" / "ckpt-3_temp"  # what a save killed half-way leaves
+    temp.mkdir()
+    (temp / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"\0" * 64)
+    rundir.prepare_model_dir(tiny_config(str(model_dir)), chief=True)
+    rundir.release_run_lock(str(model_dir))
+    assert not temp.exists() and (model_dir / "checkpoints" / "ckpt-0.index").exists()
+    assert f"removed {temp}: a save that never finished" in capsys.readouterr().out
