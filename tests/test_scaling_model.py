@@ -1,0 +1,80 @@
+"""perf.scaling --predict: the data-parallel step-time model against hand-computed cases."""
+import json
+
+import pytest
+
+from convmixer_dist.perf import scaling
+from helpers import run_cli, tiny_config
+
+LINK = scaling.Link(gpus_per_node=8, nvlink_bytes_per_sec=100e9, node_bytes_per_sec=10e9, latency_sec=1e-5)
+
+
+def test_gradient_parameters_by_hand_and_as_built():
+    # ConvMixer-1536/20, p7 k9, 1000 classes: stem 3*49*1536 + 1536 + 2*1536 = 230,400; a block
+    # 81*1536 + 1536 + 3072 + 1536^2 + 1536 + 3072 = 2,492,928 (x 20); head 1536*1000 + 1000.
+    assert scaling.gradient_parameters(1536, 20, 9, 7, 1000) == 230_400 + 20 * 2_492_928 + 1_537_000
+    import keras
+
+    from convmixer_dist.model import create_model
+
+    config = tiny_config("/unused", hidden_dim=24, depth=3, kernel_size=5, patch_size=2, num_classes=7)
+    model = create_model(config, "cpu")
+    built = sum(int(keras.ops.size(w)) for w in model.trainable_weights)
+    assert scaling.gradient_parameters(24, 3, 5, 2, 7) == built
+
+
+def test_ring_inside_and_across_nodes():
+    # 4 GPUs in one node: 2*3/4 of 100 MB over NVLink at 100 GB/s, no network latency.
+    assert scaling.ring_seconds(4, 100e6, LINK) == pytest.approx(1.5e-3)
+    # 16 GPUs over 2 nodes: 2*15/16 * 100 MB / 10 GB/s + 30 steps x 10 us.
+    assert scaling.ring_seconds(16, 100e6, LINK) == pytest.approx(18.75e-3 + 0.3e-3)
+    assert scaling.ring_seconds(1, 100e6, LINK) == 0
+
+
+def test_two_level():
+    # 32 GPUs = 4 nodes: 2*7/8 * 100 MB / 100 GB/s + 2*3/4 * 100 MB / 10 GB/s + 6 steps x 10 us.
+    assert scaling.two_level_seconds(32, 100e6, LINK) == pytest.approx(1.75e-3 + 15e-3 + 0.06e-3)
+    assert scaling.two_level_seconds(8, 100e6, LINK) == pytest.approx(1.75e-3)  # one node: NVLink only
+
+
+def test_step_with_and_without_overlap():
+    assert scaling.step_seconds(0.030, 0.050, overlap=False, tail_fraction=0.1) == pytest.approx(0.080)
+    # Forward 10 ms, backward 20 ms hides 45 of the 50 ms; the last bucket's 5 ms follows it.
+    assert scaling.step_seconds(0.030, 0.050, overlap=True, tail_fraction=0.1) == pytest.approx(0.060)
+    # Communication shorter than the backward pass: only the last bucket shows.
+    assert scaling.step_seconds(0.030, 0.010, overlap=True, tail_fraction=0.1) == pytest.approx(0.031)
+    # One bucket for everything: nothing overlaps.
+    assert scaling.step_seconds(0.030, 0.010, overlap=True, tail_fraction=3) == pytest.approx(0.040)
+
+
+def test_predict_compression_halves_the_bytes():
+    f32 = scaling.predict(0.05, 25_000_000, 16, LINK, "ring", "float32", False, 25e6)
+    bf16 = scaling.predict(0.05, 25_000_000, 16, LINK, "ring", "bfloat16", False, 25e6)
+    assert (f32["bytes"], bf16["bytes"]) == (100e6, 50e6)
+    assert f32["comm_ms"] == pytest.approx(19.05)
+    assert bf16["comm_ms"] == pytest.approx(9.375 + 0.3)
+    assert f32["efficiency"] == pytest.approx(50 / 69.05)
+
+
+def test_cli_table_from_flops(tmp_path):
+    out = tmp_path / "p.json"
+    result = run_cli("convmixer_dist.perf.scaling", "--predict", "--model=convmixer_1536_20", "--gpus=8,16",
+                     "--inter_node_gbps=100,400", f"--output={out}")
+    assert result.returncode == 0, result.stderr
+    # The issue's arithmetic: 3 x 102.2 GFLOP x 64 images at 40% of 990 TFLOP/s is ~50 ms.
+    assert "51.6M gradient parameters" in result.stdout and "step 49.6 ms" in result.stdout
+    saved = json.loads(out.read_text())
+    assert [t["inter_node_gbps"] for t in saved["tables"]] == [100, 400]
+    assert len(saved["tables"][0]["rows"]) == 2 * 2 * 2 * 2  # GPUs x algorithms x dtypes x overlap
+    ring16 = next(r for r in saved["tables"][0]["rows"] if (r["gpus"], r["algorithm"], r["allreduce_dtype"],
+                                                            r["overlap"]) == (16, "ring", "float32", False))
+    expected = 2 * 15 / 16 * 4 * 51_625_960 / 12.5e9 + 30 * 5e-6
+    assert ring16["comm_ms"] == pytest.approx(1e3 * expected)
+
+
+@pytest.mark.parametrize("args,named", [(["--predict", "--mfu=2"], "--mfu"), (["--predict", "--gpus=0"], "--gpus=0"),
+                                        (["--predict", "--model=nope"], "--model=nope"), ([], "--predict")])
+def test_cli_bad_arguments_are_one_line(args, named):
+    result = run_cli("convmixer_dist.perf.scaling", *args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and named in lines[0]
