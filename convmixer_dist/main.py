@@ -56,7 +56,7 @@ def main(args: list[str], opts: types.SimpleNamespace) -> dict:
     except loop.TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_DIVERGED)
-    except (loop.Preempted, preemption.StopRequested) as err:
+    except preemption.Stopped as err:
         code = preemption.exit_code()  # 75 for SIGTERM/SIGUSR1, 130 for Ctrl-C
         print(f"{'interrupted' if code == EXIT_INTERRUPTED else 'preempted'}: {err}", file=sys.stderr,
               flush=True)

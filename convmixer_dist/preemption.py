@@ -120,72 +120,44 @@ def install_signal_thread() -> None:
     STATE.thread.start()
 
 
-def start_writing() -> None:
-    """Mark the point after which a stop request is honoured by saving (not by exiting at once);
-    raises `StopRequested` if one already arrived, so nothing gets written. Without the signal
-    thread (in-process runs) every run starts with no stop request."""
-    with STATE.lock:
-        if STATE.thread is None:
-            STATE.signum, STATE.interrupts = None, 0
-        if STATE.signum is not None:
-            raise StopRequested(f"stopped by {signal.Signals(STATE.signum).name} before training "
-                                "started; nothing was written")
-        STATE.writing = True
+class Stopped(RuntimeError):
+    """A stop signal ended the run: before anything was written, or after a checkpoint was saved at
+    the step in the message."""
 
 
-class StopRequested(RuntimeError):
-    """A stop signal arrived before anything was written."""
+class StopSignal:
+    """A run's stop requests, one object for both places that check them: `in_graph()` inside the
+    training loop's tf.function (before every step) and `requested()` on the host (after each call).
+    Both are cross-worker decisions, so every worker stops at the same step.
 
-
-def stop_flag():
-    """The process's stop flag (a tf.Variable, 1 once a stop was requested), read by the training
-    loop before every step. Created on first use, after the strategy (MultiWorkerMirroredStrategy
-    must exist before any op)."""
-    import tensorflow as tf
-
-    with STATE.lock:
-        if STATE.flag is None:
-            STATE.flag = tf.Variable(0, dtype=tf.int32, trainable=False, name="stop_requested")
-        STATE.flag.assign(1 if STATE.signum is not None else 0)
-        return STATE.flag
-
-
-def make_stop_check(strategy, flag):
-    """A function for the inside of the training loop's tf.function: True once any worker's flag is
-    set. In multi-worker runs the flag is all-reduced so every worker stops at the same step."""
-    import tensorflow as tf
-
-    if flag is None:
-        return lambda: tf.constant(False)
-    if not strategy.extended._in_multi_worker_mode():  # noqa: SLF001 - public in effect
-        return lambda: flag.read_value() > 0
-
-    def agreed():
-        per_replica = strategy.run(lambda: tf.identity(flag.read_value()))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None) > 0
-
-    return agreed
-
-
-class PreemptionWatcher:
-    """The training loop's view of stop requests; `should_stop()` is the cross-worker decision."""
+    Create it after the strategy (MultiWorkerMirroredStrategy must exist before any op) and enter it
+    once the run may write: a stop request that arrived before raises `Stopped` (nothing written).
+    Without the signal thread (in-process runs) every run starts with no stop request, and ordinary
+    handlers record SIGTERM/SIGUSR1 while it is entered (honoured after the current call).
+    """
 
     def __init__(self, strategy):
         import tensorflow as tf
 
         self.strategy = strategy
-        self._previous = {}
+        self._previous: dict = {}
         self._multi_worker = strategy.extended._in_multi_worker_mode()  # noqa: SLF001 - public in effect
-        if self._multi_worker:
-            self._agree = tf.function(self._all_workers_flag)
-
-    @property
-    def received(self) -> int | None:
-        return STATE.signum
-
-    def __enter__(self) -> "PreemptionWatcher":
         with STATE.lock:
+            if STATE.flag is None:  # One flag per process: the signal thread raises it.
+                STATE.flag = tf.Variable(0, dtype=tf.int32, trainable=False, name="stop_requested")
+            self.flag = STATE.flag
+        if self._multi_worker:
+            self._agree = tf.function(self._sum_over_workers)
+
+    def __enter__(self) -> "StopSignal":
+        with STATE.lock:
+            if STATE.thread is None:
+                STATE.signum, STATE.interrupts = None, 0
+            if STATE.signum is not None:
+                raise Stopped(f"stopped by {signal.Signals(STATE.signum).name} before training "
+                              "started; nothing was written")
             STATE.writing = True
+            self.flag.assign(0)
         if STATE.thread is None and threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:  # In-process fallback: honoured after the current call.
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -194,19 +166,26 @@ class PreemptionWatcher:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
 
     @staticmethod
     def _handle(signum, frame) -> None:  # noqa: ARG004 - signal handler signature
         _record(signum)
 
-    def _all_workers_flag(self, flag):
+    def _sum_over_workers(self, value):
         import tensorflow as tf
 
-        per_replica = self.strategy.run(lambda: tf.identity(flag))
+        per_replica = self.strategy.run(lambda: tf.identity(value))
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
-    def should_stop(self) -> bool:
-        """True on every worker once any worker has received a stop signal."""
+    def in_graph(self):
+        """For the inside of the training loop's tf.function: True once any worker's flag is set."""
+        if not self._multi_worker:
+            return self.flag.read_value() > 0
+        return self._sum_over_workers(self.flag.read_value()) > 0
+
+    def requested(self) -> bool:
+        """On the host: True on every worker once any worker has received a stop signal."""
         import tensorflow as tf
 
         local = 1.0 if STATE.signum is not None else 0.0

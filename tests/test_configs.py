@@ -53,7 +53,7 @@ def _parse(path: str, data_dir: str):
     """The Config `python -m convmixer_dist.main --flagfile=path` would build (FLAGS restored after);
     configs reading an image folder get `--data_dir=data_dir`, as their command line says."""
     args = ["main", f"--flagfile={path}"]
-    lines = open(path).read().split("\n")
+    lines = _flag_lines(path)
     if "--dataset=image_folder" in lines or "--dataset=tfrecord" in lines:
         args.append(f"--data_dir={data_dir}")
     was_parsed = cli.FLAGS.is_parsed()
@@ -72,6 +72,26 @@ def _parse(path: str, data_dir: str):
 
 def _lines(path: str) -> list[str]:
     return [line.rstrip("\n") for line in open(path)]
+
+
+def _flag_lines(path: str) -> list[str]:
+    """The file's lines with each `--flagfile=` line replaced by that file's (resolved from the
+    repository's root, as the configs' commands run)."""
+    lines = []
+    for line in _lines(path):
+        match = FLAG_LINE.match(line)
+        lines += (_flag_lines(os.path.join(ROOT, match.group(2)))
+                  if match and match.group(1) == "flagfile" else [line])
+    return lines
+
+
+def test_the_768_32_recipe_builds_on_the_1536_20_one():
+    # One place for the shared recipe: the 768/32 file includes the 1536/20 file and states only
+    # what differs (and its own run directory).
+    path = os.path.join(ROOT, "configs", "imagenet_convmixer768_32.flags")
+    flags = [line for line in _lines(path) if FLAG_LINE.match(line)]
+    assert flags[0] == "--flagfile=configs/imagenet_convmixer1536_20.flags"
+    assert sorted(line.split("=")[0] for line in flags[1:]) == ["--epochs", "--model", "--model_dir"]
 
 
 def test_the_recipe_configs_exist():

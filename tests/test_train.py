@@ -9,7 +9,8 @@ import tensorflow as tf
 
 from convmixer_dist import optimization, strategy as strategy_lib
 from convmixer_dist.model import create_model
-from convmixer_dist.training.loop import Counters, train_and_evaluate
+from convmixer_dist.training.loop import train_and_evaluate
+from convmixer_dist.training.report import Counters
 from convmixer_dist.training.state import make_bn_statistics_sync, weights_fingerprint
 from convmixer_dist.training.steps import make_train_loop
 from helpers import tiny_config

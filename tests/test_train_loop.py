@@ -3,9 +3,15 @@ decision, and summary.json's contents."""
 import numpy as np
 import pytest
 
-from convmixer_dist.training import loop
+from convmixer_dist.training import loop, report
 from convmixer_dist.config import derive
 from helpers import tiny_config
+
+
+def _periods(epoch_end, steps_per_loop, log_every, checkpoint_every, profile_steps=None):
+    """One epoch ending at `epoch_end`, which is also the run's last step."""
+    return loop.Periods(total=epoch_end, epoch=epoch_end, log=log_every, checkpoint=checkpoint_every,
+                        steps_per_loop=steps_per_loop, profile=profile_steps)
 
 
 @pytest.mark.parametrize("step, expected", [
@@ -18,25 +24,27 @@ from helpers import tiny_config
     (45, 5),    # cut at the epoch end (50)
 ])
 def test_steps_in_next_call_stops_at_every_boundary(step, expected):
-    assert loop.steps_in_next_call(step, epoch_end=50, steps_per_loop=10, log_every=15,
-                                    checkpoint_every=30) == expected
+    periods = _periods(epoch_end=50, steps_per_loop=10, log_every=15, checkpoint_every=30)
+    assert periods.steps_in_next_call(step) == expected
 
 
 def test_steps_in_next_call_runs_one_step_per_call_inside_a_profile_window():
     window = (12, 15)
     calls, step = [], 0
+    periods = _periods(epoch_end=20, steps_per_loop=10, log_every=100, checkpoint_every=100,
+                       profile_steps=window)
     while step < 20:
-        n = loop.steps_in_next_call(step, epoch_end=20, steps_per_loop=10, log_every=100,
-                                     checkpoint_every=100, profile_steps=window)
+        n = periods.steps_in_next_call(step)
         calls.append((step, n))
         step += n
     assert calls == [(0, 10), (10, 2), (12, 1), (13, 1), (14, 1), (15, 5)]
 
 
 def test_steps_in_next_call_never_crosses_the_epoch_end_nor_returns_zero():
+    periods = _periods(epoch_end=37, steps_per_loop=8, log_every=5, checkpoint_every=7,
+                       profile_steps=(3, 9))
     for step in range(0, 37):
-        n = loop.steps_in_next_call(step, epoch_end=37, steps_per_loop=8, log_every=5,
-                                     checkpoint_every=7, profile_steps=(3, 9))
+        n = periods.steps_in_next_call(step)
         assert 1 <= n <= 8 and step + n <= 37
 
 
@@ -55,8 +63,8 @@ def test_early_stopping_decision(val_loss, best, without_gain, patience, expecte
 def test_build_summary_reports_test_metrics_last_epoch_training_and_throughput(tmp_path):
     config = tiny_config(str(tmp_path))
     derived = derive(config, 2)
-    counters = loop.Counters(images=640, seconds=2.0, rollbacks=1)
-    summary = loop.build_summary(
+    counters = report.Counters(images=640, seconds=2.0, rollbacks=1)
+    summary = report.build_summary(
         config, derived, {"accuracy": 0.5, "loss": 1.25, "top5_accuracy": 0.9, "examples": 100},
         np.array([12.0, 6.0, 24.0]), 6, counters, 3.5, "float32", False, 1234, None, 0.5,
         {"best_step": 3}, {"weights_sha256": "abc", "weights_abs_sum": 1.0})
@@ -73,9 +81,9 @@ def test_build_summary_reports_test_metrics_last_epoch_training_and_throughput(t
 
 def test_build_summary_without_timed_calls_or_a_trained_epoch(tmp_path):
     config = tiny_config(str(tmp_path))
-    summary = loop.build_summary(
+    summary = report.build_summary(
         config, derive(config, 1), {"accuracy": 1.0, "loss": 0.0, "top5_accuracy": 1.0, "examples": 4},
-        np.zeros(3), 6, loop.Counters(), 0.1, "float32", False, 1, "ckpt-6", 1.0, {}, {})
+        np.zeros(3), 6, report.Counters(), 0.1, "float32", False, 1, "ckpt-6", 1.0, {}, {})
     assert summary["images_per_sec"] is None
     assert summary["train_loss"] is None and summary["train_accuracy"] is None
     assert "best_step" not in summary

@@ -1,1 +1,2 @@
-"""Training: the tf.function steps (`steps`), the checkpointed train state (`state`) and the driver (`loop`)."""
+"""Training: the tf.function steps (`steps`), the checkpointed train state (`state`), the driver
+(`loop`) with its set-up (`setup`, `inputs`) and what it reports (`report`)."""

@@ -96,11 +96,31 @@ def create_train_state(strategy, config: Config, derived: Derived, kind: str, po
                       checkpoint)
 
 
-def create_savers(strategy, config: Config, chief: bool, checkpoint) -> tuple[CheckpointSaver, CheckpointSaver]:
-    """The periodic checkpoints (--keep_checkpoints) and the best-validation one."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    task_id = int(getattr(resolver, "task_id", 0) or 0)
-    saver = CheckpointSaver(checkpoint, config.model_dir, chief, task_id, config.keep_checkpoints)
-    best_saver = CheckpointSaver(checkpoint, config.model_dir, chief, task_id, 1, subdir="best_checkpoint")
-    return saver, best_saver
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became non-finite (outside float16 loss-scale skips)."""
 
+
+class Checkpoints:
+    """The periodic checkpoints (--keep_checkpoints) and the best-validation one of a TrainState.
+    Every save averages the BatchNorm statistics first (every worker takes part)."""
+
+    def __init__(self, strategy, config: Config, chief: bool, state: TrainState):
+        resolver = getattr(strategy, "cluster_resolver", None)
+        task_id = int(getattr(resolver, "task_id", 0) or 0)
+        self.latest = CheckpointSaver(state.checkpoint, config.model_dir, chief, task_id,
+                                      config.keep_checkpoints)
+        self.best = CheckpointSaver(state.checkpoint, config.model_dir, chief, task_id, 1,
+                                    subdir="best_checkpoint")
+        self.model = state.model
+        self.sync_bn_statistics = make_bn_statistics_sync(strategy, state.model)
+
+    def save(self, step: int) -> None:
+        """Average BatchNorm statistics, refuse non-finite weights (never checkpoint a NaN), save."""
+        self.sync_bn_statistics()
+        if not weights_finite(self.model):
+            raise TrainingDiverged(f"the weights became non-finite by step {step}")
+        self.latest.save(step)
+
+    def save_best(self, step: int) -> None:
+        self.sync_bn_statistics()
+        self.best.save(step)

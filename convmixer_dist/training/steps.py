@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from convmixer_dist import data, optimization, preemption
+from convmixer_dist import data, optimization
 from convmixer_dist.config import Config
 
 SUM = tf.distribute.ReduceOp.SUM
@@ -30,7 +30,8 @@ def make_replica_steps(model, optimizer, config: Config, xla: bool) -> tuple[Cal
     mean, std = data.NORMALIZATION[config.dataset]
 
     def forward_backward(images, labels, poison):
-        """`labels`: int class ids, or float soft targets [N, classes] (MixUp/CutMix)."""
+        """Gradients (summing to the global-batch mean) and (loss_sum, correct, count) of one batch;
+        `labels`: int class ids, or float soft targets [N, classes] (MixUp/CutMix)."""
         if labels.dtype.is_integer:
             targets = tf.one_hot(labels, config.num_classes)
         else:
@@ -46,52 +47,53 @@ def make_replica_steps(model, optimizer, config: Config, xla: bool) -> tuple[Cal
         grads = tape.gradient(scaled, variables)
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels),
                                         tf.float32))
-        return grads, tf.reduce_sum(per_example), correct
+        return grads, [tf.reduce_sum(per_example), correct, tf.cast(tf.shape(labels)[0], tf.float32)]
 
     if xla:
         # Only forward+backward is compiled: compiling the update under a strategy fails on CPU.
         forward_backward = tf.function(forward_backward, jit_compile=True)
 
-    def micro_step(images, labels, poison, micro):
-        """Gradients (summing to the global-batch mean) and sums of one micro-batch; `micro` numbers
-        the micro-batches of the run (the on-device augmentation's step)."""
-        if augmenter is not None:
-            images, labels = augmenter(images, labels, step=micro)
-            images = data.normalize(images, mean, std)
-        grads, loss_sum, correct = forward_backward(images, labels, poison)
-        return grads, loss_sum, correct, tf.cast(tf.shape(labels)[0], tf.float32)
+    def prepare(images, labels, micro):
+        """--augment_on_device: augment + normalize the raw batch here; `micro` numbers the
+        micro-batches of the run (the augmentation's step)."""
+        if augmenter is None:
+            return images, labels
+        images, labels = augmenter(images, labels, step=micro)
+        return data.normalize(images, mean, std), labels
 
     def apply(grads):
         grads = optimization.prepare_gradients(grads, config.clip_norm, optimization.loss_scale(optimizer))
         optimizer.apply_gradients(zip(grads, variables))
 
     def replica_step(images, labels, poison, step):
-        grads, loss_sum, correct, count = micro_step(images, labels, poison, step)
+        grads, sums = forward_backward(*prepare(images, labels, step), poison)
         apply(grads)
-        return loss_sum, correct, count
+        return sums
 
     def replica_accumulated_step(images, labels, poison, step):
         """`images`/`labels`: the K micro-batches of this replica, stacked on a leading axis."""
-        grads, loss_sum, correct, count = micro_step(images[0], labels[0], poison, step * accum)
+        grads, sums = forward_backward(*prepare(images[0], labels[0], step * accum), poison)
         for k in tf.range(1, accum):  # a graph loop: the graph does not grow with K
-            more = micro_step(images[k], labels[k], poison, step * accum + tf.cast(k, tf.int64))
-            grads = [g + m for g, m in zip(grads, more[0])]
-            loss_sum, correct, count = loss_sum + more[1], correct + more[2], count + more[3]
+            more, more_sums = forward_backward(
+                *prepare(images[k], labels[k], step * accum + tf.cast(k, tf.int64)), poison)
+            grads = [g + m for g, m in zip(grads, more)]
+            sums = [a + b for a, b in zip(sums, more_sums)]
         apply(grads)
-        return loss_sum, correct, count
+        return sums
 
     return replica_step, replica_accumulated_step
 
 
 def make_train_loop(strategy, model, optimizer, config: Config, xla: bool,
-                    stop_flag: tf.Variable | None = None) -> Callable:
+                    stop_requested: Callable | None = None) -> Callable:
     """A tf.function running `num_steps` training (optimizer) steps; returns summed (loss, correct,
-    count) and the number of steps run: fewer than `num_steps` when `stop_flag` (see
-    preemption.stop_flag) is raised during the call, so a stop signal is honoured at the next step.
+    count) and the number of steps run: fewer than `num_steps` when `stop_requested()` (the in-graph
+    check, `preemption.StopSignal.in_graph`) turns true, so a stop signal is honoured at the next step.
     With `--grad_accum_steps=K` each optimizer step reads K micro-batches from the iterator (see
     `make_replica_steps`)."""
     accum = config.grad_accum_steps
     replica_step, replica_accumulated_step = make_replica_steps(model, optimizer, config, xla)
+    stop_requested = stop_requested or (lambda: tf.constant(False))
 
     @tf.function
     def train_loop(iterator, num_steps, first_step, nan_at_step):
@@ -117,7 +119,6 @@ def make_train_loop(strategy, model, optimizer, config: Config, xla: bool,
             done += 1
         return totals + [tf.cast(done, tf.float32)]
 
-    stop_requested = preemption.make_stop_check(strategy, stop_flag)
     return train_loop
 
 
