@@ -18,6 +18,9 @@ def test_median_rate_and_throughput_fields():
     assert fields["step_time_ms"] == pytest.approx(200.0)
     assert fields["achieved_tflops"] == pytest.approx(1.0) and fields["mfu"] == pytest.approx(0.25)
     assert benchmark.throughput_fields(rate, 10, 2e10, None)["mfu"] is None
+    both = benchmark.throughput_fields(rate, 10, 2e10, peak=4.0, measured_peak=2.0)
+    assert both["mfu"] == pytest.approx(0.25) and both["mfu_measured"] == pytest.approx(0.5)
+    assert both["peak_measured_tflops"] == 2.0 and fields["mfu_measured"] is None
 
 
 def test_benchmark_all_runs_on_two_replicas_write_valid_json(tmp_path):
@@ -34,6 +37,7 @@ def test_benchmark_all_runs_on_two_replicas_write_valid_json(tmp_path):
     for run in runs.values():
         assert len(run["window_images_per_sec"]) == 3 and run["images_per_sec"] > 0
         assert run["mfu"] == pytest.approx(run["achieved_tflops"] / 0.5)
+        assert run["mfu_measured"] is None  # --peak_tflops overrides the measured peak too
         assert run["achieved_tflops"] == pytest.approx(
             run["images_per_sec"] * result["flops_per_image_train"] / 1e12)
     assert result["custom_over_fit"] == pytest.approx(
@@ -58,6 +62,14 @@ def test_variants_rerun_the_custom_loop_with_one_setting_changed(tmp_path):
     # No --peak_tflops: float32 on CPU gets the computed vector peak, so every line has an MFU.
     assert "fp32 lanes" in result["peak_source"] and result["peak_tflops"] > 0
     assert result["runs"]["custom_input_excluded"]["mfu"] > 0 and "MFU" in proc.stdout
+    # ... and the peak measured once per precision, with an MFU against it beside the nominal one.
+    measured = result["peak_measured"]
+    assert set(measured) == {"float32", "mixed_bfloat16"} and measured["float32"]["tflops"] > 0
+    base = result["runs"]["custom_input_excluded"]
+    assert base["mfu_measured"] == pytest.approx(base["achieved_tflops"] / measured["float32"]["tflops"])
+    assert bf16["mfu_measured"] == pytest.approx(bf16["achieved_tflops"] / measured["mixed_bfloat16"]["tflops"])
+    assert bf16["mfu"] is None  # the float32 formula says nothing about a bfloat16 run
+    assert "measured peak (float32" in proc.stdout and "measured" in proc.stdout
     assert ratios["precision=mixed_bfloat16"] == pytest.approx(
         bf16["images_per_sec"] / result["runs"]["custom_input_excluded"]["images_per_sec"])
 

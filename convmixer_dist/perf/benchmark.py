@@ -61,6 +61,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("fit_steps_per_execution", 1, "model.fit's steps_per_execution (Keras default 1).")
     flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU; 0 = from the GPU table, or on "
                        "CPU (float32) cores x clock x SIMD width x 2 FMA units x 2 (see flops.cpu_peak).")
+    flags.DEFINE_boolean("measure_peak", True, "Measure the achievable peak once per run (a 2048^3 "
+                         "matmul chain through TensorFlow in the run's compute dtype, timed like the "
+                         "runs) and report MFU against it beside the nominal one. Skipped with "
+                         "--peak_tflops, which overrides both.")
     flags.DEFINE_string("output", "runs/benchmark.json", "Where to write the JSON result.")
     flags.adopt_module_key_flags(cli)
 
@@ -108,12 +112,32 @@ def median_rate(seconds: list[float], images_per_window: int) -> dict:
             "images_per_sec_max": max(rates)}
 
 
-def throughput_fields(rate: dict, global_batch: int, train_flops: int, peak: float | None) -> dict:
-    """Step time, achieved TFLOP/s and MFU from a run's median images/s."""
+def throughput_fields(rate: dict, global_batch: int, train_flops: int, peak: float | None,
+                      measured_peak: float | None = None) -> dict:
+    """Step time, achieved TFLOP/s, MFU against `peak` (nominal or --peak_tflops) and `mfu_measured`
+    against the measured matmul peak, from a run's median images/s."""
     images_per_sec = rate["images_per_sec"]
     achieved = images_per_sec * train_flops / 1e12
     return {**rate, "step_time_ms": 1000 * global_batch / images_per_sec,
-            "achieved_tflops": achieved, "mfu": achieved / peak if peak else None}
+            "achieved_tflops": achieved, "mfu": achieved / peak if peak else None,
+            "peak_measured_tflops": measured_peak,
+            "mfu_measured": achieved / measured_peak if measured_peak else None}
+
+
+def measured_peak(result: dict, policy: str, opts) -> float | None:
+    """The achievable matmul TFLOP/s in `policy`'s compute dtype, measured once per run and policy
+    (cached in `result["peak_measured"]`); None with --peak_tflops or --nomeasure_peak."""
+    from convmixer_dist.perf import flops
+
+    if opts.peak_tflops or not opts.measure_peak:
+        return None
+    cache = result.setdefault("peak_measured", {})
+    if policy not in cache:
+        cache[policy] = flops.measure_matmul_tflops(policy, windows=opts.windows)
+        m = cache[policy]
+        print(f"measured peak ({m['dtype']}, {m['size']}^3 matmul x {m['chain']}, median of "
+              f"{len(m['window_seconds'])}): {m['tflops']:.3f} TFLOP/s", flush=True)
+    return cache[policy]["tflops"]
 
 
 def _device_name(kind: str) -> str:
@@ -377,14 +401,19 @@ def _result_header(config, derived, model, kind: str, policy: str, xla: bool, pe
     }
 
 
-def _record(result: dict, name: str, run_window: Callable, config, opts) -> None:
-    """Time `run_window` (warm-up, then --windows windows) and add the run to `result["runs"]`."""
+def _record(result: dict, name: str, run_window: Callable, config, opts, policy: str,
+            nominal: bool = True) -> None:
+    """Time `run_window` (warm-up, then --windows windows) and add the run to `result["runs"]`.
+    `nominal`: the run's precision is the base run's, whose nominal peak `result["peak_tflops"]` is."""
+    peak = result["peak_tflops"] if nominal else None
+    achievable = measured_peak(result, policy, opts)
     seconds = time_calls(run_window, opts.warmup_windows, opts.windows, name)
     run = throughput_fields(median_rate(seconds, opts.window_steps * config.global_batch_size),
-                            config.global_batch_size, result["flops_per_image_train"], result["peak_tflops"])
+                            config.global_batch_size, result["flops_per_image_train"], peak, achievable)
     result["runs"][name] = run
-    peak = result["peak_tflops"]
     mfu = f", MFU {run['mfu']:.1%} of {peak:.3f}" if run["mfu"] is not None else ", MFU n/a"
+    if run["mfu_measured"] is not None:
+        mfu += f" nominal, {run['mfu_measured']:.1%} of {achievable:.3f} measured"
     print(f"{name}: {run['images_per_sec']:,.1f} img/s (median of {opts.windows}), step "
           f"{run['step_time_ms']:.1f} ms, {run['achieved_tflops']:.3f} TFLOP/s{mfu}", flush=True)
 
@@ -404,18 +433,18 @@ def _training_runs(result: dict, strategy, setup: dict, variants, opts) -> None:
                    if pipeline == "excluded" else data.train_dataset(strategy, config, derived, arrays))
         _record(result, f"custom_input_{pipeline}", _custom_runner(
             strategy, setup["model"], setup["optimizer"], config, xla, dataset, opts.window_steps),
-            config, opts)
+            config, opts, policy)
     if opts.compare_fit:
         _record(result, "fit_input_excluded", _fit_runner(
             strategy, config, derived, arrays, policy, xla, opts.window_steps, opts.fit_steps_per_execution),
-            config, opts)
+            config, opts, policy)
     for label, variant in variants:
         v_policy, v_xla = resolve_precision(variant.precision, kind), use_xla(variant, kind)
         v_model, v_optimizer = _build(strategy, variant, derived, v_policy)
         dataset = strategy.distribute_datasets_from_function(_cached_dataset_fn(variant, derived, arrays))
         _record(result, f"custom_input_excluded[{label}]", _custom_runner(
             strategy, v_model, v_optimizer, variant, v_xla, dataset, opts.window_steps),
-            config, opts)
+            config, opts, v_policy, nominal=v_policy == policy or bool(opts.peak_tflops))
         result["runs"][f"custom_input_excluded[{label}]"].update(
             precision=v_policy, xla=v_xla, kernels=resolve_kernels(variant.kernels, kind).name)
     keras.mixed_precision.set_dtype_policy(policy)  # The variants changed it; back to the base run's.
