@@ -19,6 +19,7 @@ import socket
 import stat
 import tempfile
 import time
+from typing import Iterator
 
 from convmixer_dist.config import IDENTITY_FIELDS, Config, flag_text, read_flagfile
 from convmixer_dist.errors import UsageError
@@ -355,12 +356,75 @@ def ensure_writable_file(path: str, flag: str) -> None:
         raise UsageError(f"{flag}: {path} is not writable")
 
 
+def _fsync_directory(directory: str) -> None:
+    """Make a rename in `directory` durable (a crash after it keeps the new name)."""
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return  # Some file systems refuse to open directories; the rename itself is still atomic.
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: str) -> None:
+    """fsync a file, or every file of a directory tree (an export written into a temporary name)."""
+    paths = [path] if not os.path.isdir(path) else [
+        os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
+    for name in paths:
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str) -> Iterator[str]:
+    """`with atomic_output(PATH) as tmp:` write the file (or a directory) named `tmp`; when the block
+    ends without an exception it is fsynced and renamed to PATH in one step, so PATH is either the
+    old content or the complete new one, never half a file (a crash, a kill, a full disk). On an
+    exception the temporary is removed and the exception propagates.
+
+    `tmp` is a hidden name in PATH's own directory (a rename never crosses file systems), ending in
+    `.tmp` and not existing yet: `.NAME.XXXXXX.tmp`; listings of outputs skip it. A directory
+    replaces PATH only if PATH is absent or an empty directory (os.replace's rule)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    os.unlink(tmp)  # Only the unique name is kept: the writer creates a file or a directory there.
+    try:
+        yield tmp
+        if not os.path.lexists(tmp):
+            raise FileNotFoundError(errno.ENOENT, "nothing was written", tmp)
+        _fsync_tree(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    _fsync_directory(directory)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write atomically (see atomic_output): a crash or a full disk never leaves half a file."""
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
 def write_text(path: str, text: str) -> None:
-    """Write atomically (temp file + rename): a crash never leaves half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write UTF-8 text atomically (see atomic_output)."""
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str, payload: dict) -> None:

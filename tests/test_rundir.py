@@ -152,3 +152,31 @@ def test_a_stale_temp_checkpoint_is_removed_on_resume(tmp_path, capsys):
     rundir.release_run_lock(str(model_dir))
     assert not temp.exists() and (model_dir / "checkpoints" / "ckpt-0.index").exists()
     assert f"removed {temp}: a save that never finished" in capsys.readouterr().out
+
+
+def test_atomic_output_replaces_in_one_step_and_removes_its_temporary_on_failure(tmp_path):
+    report = tmp_path / "report.json"
+    rundir.write_json(str(report), {"accuracy": 0.5})
+    with pytest.raises(OSError):  # e.g. the disk fills up half-way through the new content
+        with rundir.atomic_output(str(report)) as tmp:
+            with open(tmp, "w") as f:
+                f.write('{"accura')
+            raise OSError(28, "No space left on device", tmp)
+    assert json.loads(report.read_text()) == {"accuracy": 0.5}  # the old, complete content
+    assert sorted(os.listdir(tmp_path)) == ["report.json"]  # no temporary left behind
+    with rundir.atomic_output(str(report)) as tmp:
+        assert os.path.dirname(tmp) == str(tmp_path) and tmp.endswith(".tmp")
+        assert os.path.basename(tmp).startswith(".")  # hidden: listings of outputs never see it
+        with open(tmp, "w") as f:
+            f.write("new")
+        assert report.read_text() != "new"  # nothing changes until the block ends
+    assert report.read_text() == "new" and sorted(os.listdir(tmp_path)) == ["report.json"]
+    export = tmp_path / "export"  # a directory output (a SavedModel) appears complete or not at all
+    with rundir.atomic_output(str(export)) as tmp:
+        os.makedirs(os.path.join(tmp, "variables"))
+        (tmp_path / tmp / "variables" / "data").write_bytes(b"weights")
+    assert (export / "variables" / "data").read_bytes() == b"weights"
+    with pytest.raises(FileNotFoundError):  # a writer that wrote nothing is an error, not an empty file
+        with rundir.atomic_output(str(tmp_path / "nothing.png")):
+            pass
+    assert not (tmp_path / "nothing.png").exists()

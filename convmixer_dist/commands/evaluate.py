@@ -128,7 +128,10 @@ def plot_confusion(confusion: np.ndarray, names: list[str], path: str, title: st
     ax.set_ylabel("true class")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    from convmixer_dist import rundir
+
+    with rundir.atomic_output(path) as tmp:  # never half a PNG (a full disk, a kill)
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return path
 

@@ -141,7 +141,10 @@ def plot_scalars(scalars: Scalars, output: str, title: str = "") -> str:
     fig.tight_layout()
     directory = os.path.dirname(os.path.abspath(output))
     os.makedirs(directory, exist_ok=True)
-    fig.savefig(output, dpi=100, format="png")  # exactly `output` (no ".png" appended)
+    from convmixer_dist import rundir
+
+    with rundir.atomic_output(output) as tmp:  # never half a PNG (a full disk, a kill)
+        fig.savefig(tmp, dpi=100, format="png")  # exactly `output` (no ".png" appended)
     plt.close(fig)
     return output
 
