@@ -10,7 +10,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from convmixer_dist import image_decode
+from convmixer_dist.data import image_decode
 
 PACKAGE = "convmixer_dist"
 

@@ -23,7 +23,7 @@ def _two_logical_cpus() -> list[str]:
 
 DEVICES = _two_logical_cpus()
 
-from convmixer_dist.augment import (  # noqa: E402  (after the device split)
+from convmixer_dist.data.augment import (  # noqa: E402  (after the device split)
     CIFAR10_MEAN, CIFAR10_STD, RANDAUG_OPS, AugmentSpec, BatchAugmenter, normalize)
 from convmixer_dist.errors import UsageError  # noqa: E402
 
@@ -278,7 +278,7 @@ def test_normalize_uses_per_channel_statistics():
 
 
 def test_dataset_statistics_agree_with_the_input_pipeline():
-    from convmixer_dist import augment, data
+    from convmixer_dist.data import augment, pipeline as data
 
     assert (augment.CIFAR10_MEAN, augment.CIFAR10_STD) == data.NORMALIZATION["cifar10"]
     assert (augment.CIFAR100_MEAN, augment.CIFAR100_STD) == data.NORMALIZATION["cifar100"]

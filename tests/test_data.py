@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from cifar_files import pickle_styles, tar_gz, write_cifar10, write_cifar100
-from convmixer_dist import data
+from convmixer_dist.data import pipeline as data
 from convmixer_dist.config import derive
 from convmixer_dist.errors import UsageError
 from helpers import tiny_config

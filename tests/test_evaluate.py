@@ -65,7 +65,7 @@ def test_evaluate_matches_the_training_run_and_writes_report(run):
 def test_evaluate_agrees_with_the_training_loops_metrics(run):
     import tensorflow as tf
 
-    from convmixer_dist import data
+    from convmixer_dist.data import pipeline as data
     from convmixer_dist.training import steps
     from convmixer_dist.config import derive
 

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from convmixer_dist import data
+from convmixer_dist.data import pipeline as data
 from convmixer_dist.commands import export, predict, saved_run
 from convmixer_dist.errors import UsageError
 from helpers import run_cli
@@ -68,7 +68,8 @@ def test_reloaded_models_reproduce_the_checkpoint(exported):
 def test_image_file_runs_export_their_evaluation_transform(tmp_path):
     """An image_folder/tfrecord run's export sees an image as `evaluate` does: timm's crop_pct
     transform (image_decode.center_crop), then the normalization; also after a .keras round trip."""
-    from convmixer_dist import fused, image_decode
+    from convmixer_dist import fused
+    from convmixer_dist.data import image_decode
     from convmixer_dist.model import build_convmixer
 
     model = build_convmixer(hidden_dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3,
@@ -93,7 +94,8 @@ def test_image_folder_run_exports_and_predicts_through_its_evaluation_crop(tmp_p
     evaluation transform of a non-square photo-sized image."""
     import contextlib
 
-    from convmixer_dist import image_decode, strategy as strategy_lib
+    from convmixer_dist import strategy as strategy_lib
+    from convmixer_dist.data import image_decode
     from convmixer_dist.training.loop import train_and_evaluate
     from helpers import tiny_config
 

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from scipy import stats
 
-from convmixer_dist import image_decode
+from convmixer_dist.data import image_decode
 
 IMAGENET_RATIO = (3 / 4, 4 / 3)
 

@@ -10,7 +10,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from convmixer_dist import image_folder
+from convmixer_dist.data import image_folder
 from convmixer_dist.errors import UsageError
 
 CLASSES = ("zebra", "ant", "cat")  # listed out of order on purpose: labels follow sorted names
@@ -48,7 +48,7 @@ def test_lists_tree_with_sorted_classes_and_matching_labels(tmp_path):
 
 
 def _decoded(paths, labels, image_size):
-    """The evaluation pipeline's per-example decode (data.py maps `decode_and_resize` the same way)."""
+    """The evaluation pipeline's per-example decode (pipeline.py maps `decode_and_resize` the same way)."""
     return tf.data.Dataset.from_tensor_slices((list(paths), list(labels))).map(
         lambda path, label: (image_folder.decode_and_resize(path, image_size), label))
 
@@ -160,7 +160,7 @@ def test_save_and_load_class_names(tmp_path):
 def test_rrc_training_crops_each_original_image_and_resumes_exactly(tmp_path):
     # --augment=rrc on an image folder: the crop is cut from the decoded original (per example,
     # seeded by the stream position), not from a pre-resized square; resume reproduces the stream.
-    from convmixer_dist import data
+    from convmixer_dist.data import pipeline as data
     from convmixer_dist.config import derive
     from helpers import tiny_config
 

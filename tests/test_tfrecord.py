@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from convmixer_dist import data, tfrecord
+from convmixer_dist.data import pipeline as data, tfrecord
 from convmixer_dist.commands import make_tfrecords
 from convmixer_dist.config import derive
 from convmixer_dist.errors import UsageError

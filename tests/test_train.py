@@ -104,7 +104,7 @@ def test_clipping_uses_the_global_norm_of_the_summed_gradient():
 def test_batchnorm_moving_statistics_are_averaged_across_replicas(tmp_path):
     # Without --sync_bn each replica updates its own moving statistics from its own batches; the
     # sync averages them (before every evaluation and save) so every replica holds the mean.
-    from convmixer_dist import data
+    from convmixer_dist.data import pipeline as data
     from convmixer_dist.config import derive
 
     config = tiny_config(str(tmp_path), strategy="mirrored", cpu_replicas=2)
@@ -168,7 +168,7 @@ def _no_bn_model(config):
 
 
 def _weights_after_steps(config, strategy, steps=3):
-    from convmixer_dist import data
+    from convmixer_dist.data import pipeline as data
     from convmixer_dist.config import derive
 
     derived = derive(config, strategy.num_replicas_in_sync)

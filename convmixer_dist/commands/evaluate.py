@@ -59,7 +59,7 @@ def predict_split(config: Config, model, out: TextIO = sys.stdout) -> tuple[np.n
     """(logits, labels) over the run's evaluation split, with progress lines on `out`."""
     import tensorflow as tf
 
-    from convmixer_dist import data
+    from convmixer_dist.data import pipeline as data
     from convmixer_dist.config import derive
 
     arrays = None if config.dataset == "synthetic" else data.load_arrays(config)

@@ -79,7 +79,8 @@ def export_run(config: Config, output: str, checkpoint: str | None = None,
                out: TextIO = sys.stdout) -> dict:
     """Restore the run's checkpoint and write the export described in the module docstring;
     returns the contents of export.json."""
-    from convmixer_dist import data, image_folder, rundir
+    from convmixer_dist import rundir
+    from convmixer_dist.data import pipeline as data, image_folder
 
     _check_output(output)
     path = saved_run.checkpoint_path(config.model_dir, checkpoint)

@@ -107,7 +107,8 @@ class Progress:
 def convert(data_dir: str, output: str, shards: int, eval_shards: int, label_offset: int = 1,
             seed: int = 0, out=sys.stderr) -> dict:
     """Convert IMAGE_FOLDER into DIR (see the module docstring); returns the info written."""
-    from convmixer_dist import image_folder, rundir
+    from convmixer_dist import rundir
+    from convmixer_dist.data import image_folder
 
     splits, class_names = image_folder.list_image_folder_splits(data_dir)
     for flag, count, split in (("--shards", shards, "train"), ("--eval_shards", eval_shards, "val")):

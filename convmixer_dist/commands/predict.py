@@ -36,7 +36,7 @@ def load_classifier(model: str):
     probabilities. (Keep the loaded object: its variables die with it, even if `serve` is kept.)"""
     import tensorflow as tf
 
-    from convmixer_dist import image_folder
+    from convmixer_dist.data import image_folder
 
     saved_model, names_path = _check_model_dir(model)
     names = image_folder.read_class_names(names_path)

@@ -101,7 +101,7 @@ def restore_model(config: Config, path: str):
 
 def class_names(config: Config, model_dir: str) -> list[str]:
     """MODEL_DIR/class_names.json if present (image folders), else the dataset's known names."""
-    from convmixer_dist import image_folder
+    from convmixer_dist.data import image_folder
 
     saved = image_folder.load_class_names(model_dir)
     if saved is not None:
@@ -118,6 +118,6 @@ def class_names(config: Config, model_dir: str) -> list[str]:
 
 def normalization(config: Config) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The (mean, std) in 0..255 the run's input pipeline normalized with."""
-    from convmixer_dist import data
+    from convmixer_dist.data import pipeline as data
 
     return data.NORMALIZATION[config.dataset]

@@ -47,7 +47,7 @@ def benchmark(spec, placement: str, batch_size: int, image_size: int, batches: i
     import numpy as np
     import tensorflow as tf
 
-    from convmixer_dist.augment import BatchAugmenter
+    from convmixer_dist.data.augment import BatchAugmenter
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8)
@@ -75,7 +75,7 @@ def main(args: list[str], f: types.SimpleNamespace) -> None:
     from convmixer_dist.runtime import quiet_tensorflow_import
 
     quiet_tensorflow_import()  # augment imports TensorFlow; its import-time logs would precede errors.
-    from convmixer_dist.data import augment_spec
+    from convmixer_dist.data.pipeline import augment_spec
 
     spec = augment_spec(config)
     spec = dataclasses.replace(spec, hflip=spec.hflip or f.hflip).validate()

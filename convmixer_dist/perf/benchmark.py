@@ -178,7 +178,7 @@ def device_peak(kind: str, device: str, policy: str, peak_flag: float) -> tuple[
 
 def _cached_dataset_fn(config, derived, arrays) -> Callable:
     """The real pipeline's first batch per input pipeline, cached and repeated (input excluded)."""
-    from convmixer_dist import data
+    from convmixer_dist.data import pipeline as data
 
     real = data.make_dataset_fn(config, derived, "train", arrays)
     return lambda ctx: real(ctx).take(1).cache().repeat()
@@ -280,7 +280,7 @@ def _input_rates(strategy, pipelines: list[tuple[str, object, object, object]], 
     import gc
     import time
 
-    from convmixer_dist import data
+    from convmixer_dist.data import pipeline as data
 
     batches = opts.window_steps
     seconds: dict[str, list[float]] = {label: [] for label, *_ in pipelines}
@@ -318,7 +318,7 @@ def _input_rates(strategy, pipelines: list[tuple[str, object, object, object]], 
 
 def _input_runs(result: dict, strategy, config, derived, arrays, opts) -> None:
     """`input_pipeline` (the configured pipeline) and `input_compare` (--input_compare) into `result`."""
-    from convmixer_dist import data
+    from convmixer_dist.data import pipeline as data
     from convmixer_dist.config import derive
 
     pipelines = [("base", config, derived, arrays)]
@@ -422,7 +422,7 @@ def _training_runs(result: dict, strategy, setup: dict, variants, opts) -> None:
     """The custom-loop runs (input excluded/included), model.fit, and one run per variant."""
     import keras
 
-    from convmixer_dist import data
+    from convmixer_dist.data import pipeline as data
     from convmixer_dist.fused import resolve_kernels
     from convmixer_dist.precision import resolve_precision, use_xla
 
@@ -483,7 +483,7 @@ def run_benchmark(config, variants: list[tuple[str, object]], opts) -> dict:
 
 
 def _run_benchmark(config, variants: list[tuple[str, object]], opts) -> dict:
-    from convmixer_dist import data
+    from convmixer_dist.data import pipeline as data
     from convmixer_dist import strategy as strategy_lib
     from convmixer_dist.config import derive
     from convmixer_dist.perf import flops

@@ -7,7 +7,7 @@ import dataclasses
 
 import numpy as np
 
-from convmixer_dist import data, image_folder, tfrecord
+from convmixer_dist.data import pipeline as data, image_folder, tfrecord
 from convmixer_dist.config import Config, Derived, derive
 
 

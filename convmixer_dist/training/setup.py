@@ -10,7 +10,8 @@ from typing import Callable, Iterator
 import keras
 import tensorflow as tf
 
-from convmixer_dist import image_folder, rundir
+from convmixer_dist import rundir
+from convmixer_dist.data import image_folder
 from convmixer_dist.config import Config, Derived
 from convmixer_dist.model import count_params
 from convmixer_dist.precision import resolve_precision, use_xla

@@ -8,7 +8,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from convmixer_dist import data, optimization
+from convmixer_dist import optimization
+from convmixer_dist.data import pipeline as data
 from convmixer_dist.config import Config
 
 SUM = tf.distribute.ReduceOp.SUM

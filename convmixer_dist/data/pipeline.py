@@ -19,8 +19,8 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from convmixer_dist import image_decode, image_folder, tfrecord
-from convmixer_dist.augment import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD,
+from convmixer_dist.data import image_decode, image_folder, tfrecord
+from convmixer_dist.data.augment import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD,
                                     IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, BatchAugmenter, normalize)
 from convmixer_dist.config import Config, Derived, dataset_sizes, parse_crop_ratio
 from convmixer_dist.errors import UsageError

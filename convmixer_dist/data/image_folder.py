@@ -21,7 +21,7 @@ Corrupt files. Three layers, cheapest first:
      wraps the loop consuming the dataset and turns such an error into a UsageError naming the file(s),
      found by re-decoding with `ignore_errors` (only paid on the error path).
 
-The training pipeline (data.py) reads and shards the file list itself and calls `decode_and_resize`
+The training pipeline (pipeline.py) reads and shards the file list itself and calls `decode_and_resize`
 (evaluation) or `decode_train_crop` (training) per example.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Iterator, Sequence
 
 import tensorflow as tf
 
-from convmixer_dist import image_decode
+from convmixer_dist.data import image_decode
 from convmixer_dist.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
