@@ -59,7 +59,8 @@ def test_round_trip_keeps_labels_class_names_and_offset(tmp_path):
     class_names = json.load(open(os.path.join(output, "class_names.json")))
     assert class_names == sorted(CLASSES)
     info = json.load(open(os.path.join(output, "tfrecord_info.json")))
-    assert sum(v for k, v in info["shards"].items() if k.startswith("train")) == 15
+    assert sum(v["records"] for k, v in info["shards"].items() if k.startswith("train")) == 15
+    assert info["complete"] is True and info["plan"]["class_names"] == sorted(CLASSES)
     loaded = tfrecord.load(output, label_offset=1, num_classes=3)
     assert loaded.train_size == 15 and loaded.eval_size == 6
     assert list(loaded.train_counts) == [5, 5, 5]
@@ -96,7 +97,7 @@ def test_conversion_is_atomic_per_shard_and_a_rerun_writes_only_what_is_missing(
     mtime = os.stat(kept).st_mtime_ns
     log = io.StringIO()
     make_tfrecords.convert(source, output, 3, 2, out=log)
-    assert "6 finished shards kept" not in log.getvalue() and "4 finished shards kept" in log.getvalue()
+    assert "4 finished shards of plan" in log.getvalue() and "1 to write" in log.getvalue()
     assert os.stat(kept).st_mtime_ns == mtime and open(missing, "rb").read() == before
     assert not os.path.exists(missing + ".tmp")
     assert tfrecord.list_shards(output, "train-") == sorted(

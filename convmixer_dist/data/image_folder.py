@@ -77,14 +77,20 @@ def check_image_files(paths: Sequence[str], num_threads: int = 16) -> None:
     whose last bytes show a truncated file (a partial download), before anything is written."""
     def ends(path: str) -> tuple[bytes, bytes, int]:
         opener = tf.io.gfile.GFile if "://" in path else open  # local files: plain open is ~5x faster
-        with opener(path, "rb") as f:
-            head = f.read(8)
-            size = f.seek(0, 2)
-            f.seek(max(0, size - _TAIL_BYTES))
-            return head, f.read(), size
+        try:
+            with opener(path, "rb") as f:
+                head = f.read(8)
+                size = f.seek(0, 2)
+                f.seek(max(0, size - _TAIL_BYTES))
+                return head, f.read(), size
+        except (OSError, tf.errors.OpError) as err:  # A directory named x.png, a dangling link.
+            return None, getattr(err, "strerror", None) or err.__class__.__name__, 0
 
     with ThreadPoolExecutor(max_workers=num_threads) as pool:
         for path, (data, tail, size) in zip(paths, pool.map(ends, paths)):
+            if data is None:
+                raise UsageError(f"--data_dir: {path} is not a readable image file ({tail}); "
+                                 "remove or rename it")
             if not _has_image_signature(data):
                 raise UsageError(f"--data_dir: corrupt image file {path}: "
                                  f"{'empty file' if not data else 'not a JPEG/PNG/GIF/BMP file'}")

@@ -364,7 +364,7 @@ def _tfrecord_train_examples(config: Config, arrays, pipeline: int, pipelines: i
     seed = tf.constant(config.seed * 7919, tf.int64) * 1009 + pipeline
 
     def load_record(position, serialized):
-        data, label = tfrecord.parse(serialized, config.tfrecord_label_offset)
+        data, label = tfrecord.parse(serialized, config.tfrecord_label_offset, config.num_classes)
         if crop is not None:
             return crop(data, tf.stack([seed, position])), label
         image = image_decode.center_crop(image_decode.decode_full(data), config.image_size)
@@ -415,7 +415,7 @@ def _eval_examples(config: Config, derived: Derived, arrays, example: Callable |
         records = arrays["tfrecord"]
 
         def load_record(serialized):
-            data, label = tfrecord.parse(serialized, config.tfrecord_label_offset)
+            data, label = tfrecord.parse(serialized, config.tfrecord_label_offset, config.num_classes)
             image = image_decode.center_crop(image_decode.decode_full(data), config.image_size,
                                              config.eval_crop_fraction)
             return image, label

@@ -37,7 +37,8 @@ class Inputs:
         if config.dataset == "image_folder":
             return image_folder.reporting_corrupt_files(list(arrays["train"][0]) + list(arrays["test"][0]))
         if config.dataset == "tfrecord":
-            return tfrecord.reporting_record_errors(config.data_dir)
+            return tfrecord.reporting_record_errors(config.data_dir, arrays["tfrecord"],
+                                                    config.tfrecord_label_offset, config.num_classes)
         return contextlib.nullcontext()
 
 
