@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from convmixer_dist.perf import scaling
+from convmixer_dist.perf import scaling_model as scaling
 from helpers import run_cli, tiny_config
 
 LINK = scaling.Link(gpus_per_node=8, nvlink_bytes_per_sec=100e9, node_bytes_per_sec=10e9, latency_sec=1e-5)
@@ -72,8 +72,34 @@ def test_cli_table_from_flops(tmp_path):
     assert ring16["comm_ms"] == pytest.approx(1e3 * expected)
 
 
+def test_measured_row_by_hand():
+    # 2 workers: 90 img/s together, 50 img/s alone at the same batch, 95 as two independent
+    # processes, 60 img/s alone at the global batch; steps 711.1 ms vs 640 ms alone.
+    single = {"images_per_sec": 50.0, "step_time_ms": 640.0}
+    independent = {"images_per_sec": 95.0, "step_time_ms": 673.7}
+    strong = {"images_per_sec": 60.0, "step_time_ms": 1066.7}
+    multi = {"images_per_sec": 90.0, "step_time_ms": 711.1}
+    wire = {"tx_bytes_per_step": 2.1e6, "rx_bytes_per_step": 2.1e6}
+    graph = {"collectives": 5, "gradient_collectives": 2, "bytes": 2.0e6, "gradient_bytes": 1.998e6}
+    row = scaling.measured_row(2, single, independent, strong, multi, wire, graph, gradient_bytes=1_000_000)
+    assert row["weak_efficiency"] == pytest.approx(0.9) and row["weak_efficiency_vs_independent"] == pytest.approx(90 / 95)
+    assert row["strong_speedup"] == pytest.approx(1.5) and row["strong_efficiency"] == pytest.approx(0.75)
+    assert (row["compute_ms"], row["comm_ms"]) == (640.0, pytest.approx(71.1))
+    assert row["comm_ms_vs_independent"] == pytest.approx(37.4)
+    # A ring of 2 sends 2(2-1)/2 = 1 x the reduced bytes per worker; of 4 workers, 1.5 x.
+    assert row["allreduced_bytes_per_step_measured"] == 2.1e6 and row["full_gradients_per_step_measured"] == 2.1
+    assert row["measured_over_graph"] == pytest.approx(1.05) and row["collectives_per_step"] == 5
+    assert row["gradient_collectives_per_step"] == 2 and row["full_gradients_per_step_graph"] == pytest.approx(1.998)
+    four = scaling.measured_row(4, single, independent, strong, multi, wire, None, 1_000_000)
+    assert four["allreduced_bytes_per_step_measured"] == pytest.approx(1.4e6) and "collectives_per_step" not in four
+    assert "wire_tx_bytes_per_step" not in scaling.measured_row(2, single, independent, strong, multi, None, None, 1)
+    table = scaling.format_measured_table([{"variant": "base", "rate": "100mbit", **row}])
+    assert table.splitlines()[2] == ("base | 100mbit | 90.0 | 0.90 | 0.95 | 0.75 | 711 = 640 + 71 | 2.10 (2.10) | "
+                                     "2.00 | 5 (2 gradient)")
+
+
 @pytest.mark.parametrize("args,named", [(["--predict", "--mfu=2"], "--mfu"), (["--predict", "--gpus=0"], "--gpus=0"),
-                                        (["--predict", "--model=nope"], "--model=nope"), ([], "--predict")])
+                                        (["--predict", "--model=nope"], "--model")])
 def test_cli_bad_arguments_are_one_line(args, named):
     result = run_cli("convmixer_dist.perf.scaling", *args)
     lines = result.stderr.strip().splitlines()
