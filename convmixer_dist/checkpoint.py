@@ -13,6 +13,7 @@ over on top of them.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -22,7 +23,7 @@ import time
 
 import tensorflow as tf
 
-from convmixer_dist.errors import UsageError
+from convmixer_dist.errors import DiskFull, UsageError, is_disk_full
 
 INDEX_FILE = "checkpoint"
 
@@ -101,6 +102,47 @@ def _set_aside(prefix: str) -> str:
     return f"unusable-{name}.*"
 
 
+def _save_files(directory: str, step: int) -> dict[str, tuple[int, int, int]]:
+    """{path: (inode, size, mtime ns)} of `ckpt-STEP.*` and `ckpt-STEP_temp` in `directory`."""
+    prefix = glob.escape(os.path.join(directory, f"ckpt-{step}"))
+    found = {}
+    for path in glob.glob(prefix + ".*") + glob.glob(prefix + "_temp"):
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            found[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return found
+
+
+def remove_partial_save(directory: str, step: int, before: dict[str, tuple[int, int, int]]) -> str:
+    """Remove what a save of ckpt-STEP that did not finish wrote (files new or changed since
+    `before`, a `_save_files` snapshot; an older complete ckpt-STEP it never touched is kept), and
+    rebuild the index if it names a removed checkpoint. Returns the names removed, comma-separated."""
+    removed = []
+    for path, state in sorted(_save_files(directory, step).items()):
+        if before.get(path) == state:
+            continue
+        with contextlib.suppress(OSError):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+            removed.append(os.path.basename(path))
+    prefix = os.path.abspath(os.path.join(directory, f"ckpt-{step}"))
+    if removed and prefix in (read_index(directory) or []):
+        with contextlib.suppress(OSError, tf.errors.OpError):
+            _rebuild_index(directory)  # On a full disk this may fail too: repair_index redoes it.
+    return ", ".join(removed)
+
+
+def latest_complete(directory: str) -> str | None:
+    """The newest checkpoint in `directory` whose .index is not empty and has its data files."""
+    for prefix in checkpoints_on_disk(directory):
+        index = prefix + ".index"
+        if os.path.getsize(index) and glob.glob(glob.escape(prefix) + ".data-*"):
+            return prefix
+    return None
+
+
 class CheckpointSaver:
     """Save every N steps and at the end; restore the chief's latest usable checkpoint."""
 
@@ -158,11 +200,30 @@ class CheckpointSaver:
         print(f"warning: unusable checkpoint(s) {names}; {outcome}{kept}", file=sys.stderr, flush=True)
 
     def save(self, step: int) -> str:
-        """Save (every worker must call this); non-chief copies are deleted right away."""
-        if self.chief:
-            return self.manager.save(checkpoint_number=step)
-        # A fresh manager per save: its bookkeeping must not outlive the directory removed below.
-        manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=1)
-        path = manager.save(checkpoint_number=step)
-        shutil.rmtree(self.directory, ignore_errors=True)
-        return path
+        """Save (every worker must call this); non-chief copies are deleted right away.
+
+        A save that fails (a full disk, an I/O error) removes what it wrote of ckpt-N, so no
+        half-written checkpoint can be mistaken for a good one: TensorFlow leaves, by how far it
+        got, an empty or partial `ckpt-N_temp` directory, or a complete `.data` file beside a
+        zero-byte `.index`. A full disk then raises DiskFull naming the last complete checkpoint."""
+        before = _save_files(self.directory, step)
+        try:
+            if self.chief:
+                return self.manager.save(checkpoint_number=step)
+            # A fresh manager per save: its bookkeeping must not outlive the directory removed below.
+            manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=1)
+            path = manager.save(checkpoint_number=step)
+            shutil.rmtree(self.directory, ignore_errors=True)
+            return path
+        except BaseException as err:
+            removed = remove_partial_save(self.directory, step, before)
+            if not self.chief:
+                shutil.rmtree(self.directory, ignore_errors=True)
+            if not is_disk_full(err):
+                raise
+            last = latest_complete(self.main_dir)
+            raise DiskFull(
+                f"no space left on device saving checkpoint {step} in {self.directory}; removed its "
+                f"partial files ({removed or 'none'}); the last complete checkpoint is "
+                f"{last or 'none (no checkpoint was saved yet)'}; free space and rerun the same "
+                "command to resume") from err

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 from absl import app, flags, logging
 
 from convmixer_dist import config as cfg
+from convmixer_dist import errors
 from convmixer_dist.errors import UsageError, check_flagfiles, report_and_exit
 from convmixer_dist.presets import PRESETS
 from convmixer_dist.profiling import parse_profile_steps
@@ -219,15 +220,49 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing whose errors (unknown flag or value, missing or circular flagfile, a
     flagfile line that is not a flag) are one line with exit code 2 instead of absl's two lines and
     code 1 (or a warning and silently different flags); --model_dir then as `run_directory` says."""
+    def parse() -> list[str]:
+        try:
+            check_flagfiles(argv[1:])
+            rest = FLAGS(argv)
+            place_run(argv[1:])
+            return rest
+        except flags.Error as err:
+            raise UsageError(str(err)) from None
+
+    return guarded(parse)
+
+
+def _last_checkpoint_note(model_dir: Optional[str]) -> str:
+    """"; the last complete checkpoint is ..." for a message about a full disk under MODEL_DIR."""
+    if not model_dir:
+        return ""
+    from convmixer_dist import rundir
+
+    last = rundir.last_complete_checkpoint(model_dir)
+    return (f"; the last complete checkpoint is {last} (rerun the same command to resume from it)"
+            if last else "; no complete checkpoint was written yet")
+
+
+def guarded(main: Callable[..., Any], *args: Any, model_dir: Callable[[], Optional[str]] = lambda: None
+            ) -> Any:
+    """Call `main(*args)` inside the one error boundary of every command: a UsageError, an error of
+    the input or environment (`errors.environment_error`: file-system errors, text encodings,
+    TensorFlow's missing/damaged-file errors) becomes one `error:` line and exit 2 (a full disk:
+    exit 74, naming `model_dir()`'s last complete checkpoint), Ctrl-C one line and exit 130.
+    Everything else is a bug and propagates with its traceback."""
     try:
-        check_flagfiles(argv[1:])
-        rest = FLAGS(argv)
-        place_run(argv[1:])
-        return rest
-    except flags.Error as err:
-        report_and_exit(UsageError(str(err)))
+        return main(*args)
     except UsageError as err:
         report_and_exit(err)
+    except KeyboardInterrupt:
+        errors.report_interrupt()
+    except Exception as exc:  # Only the kinds environment_error maps; a bug keeps its traceback.
+        message = errors.environment_error(exc)
+        if message is None:
+            raise
+        if errors.is_disk_full(exc) and not isinstance(exc, errors.DiskFull):
+            message += _last_checkpoint_note(model_dir())
+        errors.report_environment_error(exc, message)
 
 
 def run_command(main: Callable[[list[str], types.SimpleNamespace], None],
@@ -237,9 +272,10 @@ def run_command(main: Callable[[list[str], types.SimpleNamespace], None],
     Defines the training flags (`training=True`) and the command's own (`define`), parses the command
     line with the one-line-error parser, and calls `main(positional_args, opts)`: `opts` holds the
     command's own flag values by name, and with `training=True` also `opts.overrides` (the training
-    flags given, as text; `config_from_flags()` resolves them all). A `UsageError` becomes one
-    `error: ...` line and exit code 2. TensorFlow's native logs are off unless TF_CPP_MIN_LOG_LEVEL is
-    set; commands import TensorFlow through `runtime.quiet_tensorflow_import` once their inputs are
+    flags given, as text; `config_from_flags()` resolves them all). A `UsageError`, and an error
+    caused by the input or the environment, becomes one `error: ...` line and exit code 2 (`guarded`:
+    74 for a full disk, 130 for Ctrl-C); a bug keeps its traceback. TensorFlow's native logs are off
+    unless TF_CPP_MIN_LOG_LEVEL is set; commands import TensorFlow through `runtime.quiet_tensorflow_import` once their inputs are
     valid, so a user mistake prints exactly one line.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -255,9 +291,7 @@ def run_command(main: Callable[[list[str], types.SimpleNamespace], None],
         opts = types.SimpleNamespace(**{name: FLAGS[name].value for name in own})
         if training:
             opts.overrides = overrides_from_flags()
-        try:
-            main(argv[1:], opts)
-        except UsageError as err:
-            report_and_exit(err)
+        guarded(main, argv[1:], opts,
+                model_dir=lambda: FLAGS["model_dir"].value if "model_dir" in FLAGS else None)
 
     app.run(body, flags_parser=parse_flags)

@@ -17,12 +17,14 @@ import re
 import shutil
 import socket
 import stat
-import tempfile
 import time
-from typing import Iterator
 
 from convmixer_dist.config import IDENTITY_FIELDS, Config, flag_text, read_flagfile
 from convmixer_dist.errors import UsageError
+# The run directory's files are written through these (callers also write rundir.write_json(...)).
+from convmixer_dist.outputs import (  # noqa: F401
+    atomic_output, check_path_length, ensure_writable_dir, ensure_writable_file, write_bytes,
+    write_json, write_text)
 
 FLAGS_FILE = "flags.txt"
 
@@ -107,6 +109,27 @@ def localize_checkpoint_indexes(model_dir: str) -> None:
         local = _INDEX_PATH.sub(lambda m: f'{m.group(1)}"{os.path.basename(m.group(2))}"', text)
         if local != text:
             write_text(path, local)
+
+
+def last_complete_checkpoint(model_dir: str) -> str | None:
+    """MODEL_DIR/checkpoints/ckpt-N that the `checkpoint` index names last, if its files are there
+    (TensorFlow rewrites the index only after a save is complete); None if there is none. Read as
+    text, without TensorFlow, to name it in a message."""
+    directory = os.path.join(model_dir, "checkpoints")
+    try:
+        with open(os.path.join(directory, "checkpoint"), encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+    named = [m.group(2) for m in _INDEX_PATH.finditer(text)
+             if m.group(1).startswith("model_checkpoint_path")]
+    if not named:
+        return None
+    prefix = os.path.join(directory, os.path.basename(named[0]))
+    index = prefix + ".index"
+    if not os.path.isfile(index) or not os.path.getsize(index) or not glob.glob(glob.escape(prefix) + ".data-*"):
+        return None
+    return prefix
 
 
 def remove_stale_temp_checkpoints(model_dir: str) -> list[str]:
@@ -331,102 +354,3 @@ def release_all_locks() -> None:
     """Release every lock this process holds (at exit, and before an immediate exit)."""
     for path in list(_HELD):
         release_run_lock(os.path.dirname(path))
-
-
-def ensure_writable_dir(directory: str, flag: str) -> None:
-    """Create `directory` if needed; a UsageError starting with `flag` ("--name=value") if it cannot
-    be created or written. Called before long work, so its results are never lost at the end."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"{flag}: {directory} cannot be created ({err.strerror})") from None
-    try:  # A real write: access() says yes to root on a read-only directory.
-        tempfile.NamedTemporaryFile(dir=directory, prefix=".write_probe_").close()
-    except OSError as err:
-        raise UsageError(f"{flag}: {directory} is not writable ({err.strerror})") from None
-
-
-def ensure_writable_file(path: str, flag: str) -> None:
-    """UsageError starting with `flag` unless `path` can be written as a file (not a directory, in a
-    writable directory, not a read-only file); checked before long work."""
-    if os.path.isdir(path):
-        raise UsageError(f"{flag}: {path} is a directory; expected a file name")
-    ensure_writable_dir(os.path.dirname(os.path.abspath(path)), flag)
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        raise UsageError(f"{flag}: {path} is not writable")
-
-
-def _fsync_directory(directory: str) -> None:
-    """Make a rename in `directory` durable (a crash after it keeps the new name)."""
-    try:
-        fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return  # Some file systems refuse to open directories; the rename itself is still atomic.
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: str) -> None:
-    """fsync a file, or every file of a directory tree (an export written into a temporary name)."""
-    paths = [path] if not os.path.isdir(path) else [
-        os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
-    for name in paths:
-        fd = os.open(name, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-@contextlib.contextmanager
-def atomic_output(path: str) -> Iterator[str]:
-    """`with atomic_output(PATH) as tmp:` write the file (or a directory) named `tmp`; when the block
-    ends without an exception it is fsynced and renamed to PATH in one step, so PATH is either the
-    old content or the complete new one, never half a file (a crash, a kill, a full disk). On an
-    exception the temporary is removed and the exception propagates.
-
-    `tmp` is a hidden name in PATH's own directory (a rename never crosses file systems), ending in
-    `.tmp` and not existing yet: `.NAME.XXXXXX.tmp`; listings of outputs skip it. A directory
-    replaces PATH only if PATH is absent or an empty directory (os.replace's rule)."""
-    directory, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    os.unlink(tmp)  # Only the unique name is kept: the writer creates a file or a directory there.
-    try:
-        yield tmp
-        if not os.path.lexists(tmp):
-            raise FileNotFoundError(errno.ENOENT, "nothing was written", tmp)
-        _fsync_tree(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-    _fsync_directory(directory)
-
-
-def write_bytes(path: str, data: bytes) -> None:
-    """Write atomically (see atomic_output): a crash or a full disk never leaves half a file."""
-    with atomic_output(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-
-
-def write_text(path: str, text: str) -> None:
-    """Write UTF-8 text atomically (see atomic_output)."""
-    write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: str, payload: dict) -> None:
-    """Atomic, human-readable JSON."""
-    write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")

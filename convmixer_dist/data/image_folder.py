@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import re
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
@@ -72,12 +73,18 @@ def _is_truncated(head: bytes, tail: bytes, size: int) -> bool:
     return False
 
 
+def _is_special(mode: int) -> bool:
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+
+
 def check_image_files(paths: Sequence[str], num_threads: int = 16) -> None:
     """Raise UsageError naming the first file whose leading bytes are not an image signature, or
     whose last bytes show a truncated file (a partial download), before anything is written."""
     def ends(path: str) -> tuple[bytes, bytes, int]:
         opener = tf.io.gfile.GFile if "://" in path else open  # local files: plain open is ~5x faster
         try:
+            if "://" not in path and _is_special(os.stat(path).st_mode):
+                return None, "a FIFO, socket or device", 0  # It would block the reader (and Ctrl-C) forever.
             with opener(path, "rb") as f:
                 head = f.read(8)
                 size = f.seek(0, 2)
