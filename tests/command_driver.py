@@ -5,7 +5,7 @@ output. Importing TensorFlow costs ~5 s per process; a fork costs milliseconds.
 
     python tests/command_driver.py < cases.json > results.json
     cases: [{"module": "convmixer_dist.main", "argv": [...], "cwd": DIR, "env": {...}, "timeout": S,
-             "interrupt_after": S (send SIGINT then)}]
+             "interrupt_after": S (send SIGINT then)}, or {"shell": "a step between commands"}]
     results: [{"code": int, "stdout": str, "stderr": str}]  (code -N: killed by signal N)
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import os
 import runpy
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -61,6 +62,10 @@ def run_cases(cases: list[dict]) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="driver_") as tmp:
         out_path, err_path = os.path.join(tmp, "out"), os.path.join(tmp, "err")
         for case in cases:
+            if "shell" in case:  # a step between commands (fill a disk, damage a file)
+                proc = subprocess.run(case["shell"], shell=True, capture_output=True, text=True)
+                results.append({"code": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr})
+                continue
             pid = os.fork()
             if pid == 0:
                 _child(case, out_path, err_path)
@@ -86,7 +91,7 @@ def main() -> None:
     from convmixer_dist.runtime import quiet_tensorflow_import
     quiet_tensorflow_import()  # TensorFlow's Python side only: no op runs, its runtime starts in a child
     import keras  # noqa: F401
-    for module in sorted({case["module"] for case in cases}):
+    for module in sorted({case["module"] for case in cases if "module" in case}):
         importlib.import_module(module)
     json.dump(run_cases(cases), sys.stdout)
 
