@@ -1,15 +1,19 @@
 """profile_report reads a real captured profile through xprof: kinds partition the op time, the
-ConvMixer convolutions are found, the files are written, and the CLI fails in one line on no profile."""
+ConvMixer convolutions are found, each kind's achieved rate is its work (from the model's shapes) over
+its time, the files are written, and the CLI fails in one line on no profile."""
 import contextlib
 import io
 import json
 import os
+import re
 
+import numpy as np
 import pytest
 
 from convmixer_dist import strategy as strategy_lib
 from convmixer_dist.training.loop import train_and_evaluate
-from convmixer_dist.perf import profile_report
+from convmixer_dist.model import build_convmixer
+from convmixer_dist.perf import flops, kind_rates, profile_report
 from convmixer_dist.errors import UsageError
 from convmixer_dist.perf.profile_report import OpRow, UNLISTED, classify
 from helpers import run_cli, tiny_config
@@ -50,6 +54,11 @@ def test_classify_by_layer_path_scope_and_type():
         ("while/body/_1/fused/DepthwiseConv2dNative", "DepthwiseConv2dNative"): "depthwise_conv",
         ("while/body/_1/while/softmax_cross_entropy_with_logits", "SoftmaxCrossEntropyWithLogits"): "other",
         (UNLISTED, UNLISTED): "other",
+        # Data movement: the folded depthwise gradient's transposes, mixed precision's casts.
+        ("while/body/_1/while/block00_depthwise_conv/transpose", "_MklTranspose"): "layout",
+        (f"{loop}/block00_depthwise_bn_1/Cast", "Cast"): "layout",
+        ("while/body/_1/while/block00_depthwise_conv/Pad", "Pad"): "layout",
+        ("map/Cast", "Cast"): "input",  # a tf.data function's cast, outside the train loop
     }
     assert {key: classify(*key) for key in cases} == cases
 
@@ -95,9 +104,31 @@ def test_summarise_uses_device_ops_when_present_and_partitions_their_time():
     assert "XLA" in profile_report.summarise(only_input, top=5)["warnings"][0]
 
 
+def test_work_per_kind_from_the_model_shapes_and_rates_against_the_peaks():
+    # tiny_config: h=16, depth 2, k=3, p=2, 8 px (n=4), 4 classes, batch 32: a feature map is
+    # 32*4*4*16 = 8192 elements; 5 activation and 5 BatchNorm layers.
+    work = flops.step_work(16, 2, 3, 2, 8, 4, batch=32)
+    assert work == {"pointwise_conv": {"flops": 3 * 2 * 2 * 8192 * 16},
+                    "depthwise_conv": {"flops": 3 * 2 * 2 * 8192 * 9},
+                    "stem_conv": {"flops": 2 * 2 * 8192 * 2 * 2 * 3},  # no input gradient
+                    "head": {"flops": 3 * 2 * 32 * 16 * 4},
+                    "activation": {"bytes": 5 * 5 * 8192 * 4}, "batch_norm": {"bytes": 5 * 5 * 8192 * 4},
+                    "optimizer": {"bytes": 7 * 4 * 1300}}
+    assert flops.step_work(16, 2, 3, 2, 8, 4, batch=32, element_bytes=2)["batch_norm"] == {"bytes": 5 * 5 * 8192 * 2}
+    model = build_convmixer(hidden_dim=16, depth=2, kernel_size=3, patch_size=2, num_classes=4, image_size=8)
+    assert sum(int(np.prod(v.shape)) for v in model.trainable_variables) == flops.trainable_params(16, 2, 3, 2, 4) == 1300
+    # 10 steps: pointwise 15.73 MFLOP in 0.2 ms = 0.0786 TFLOP/s; BatchNorm 8.192 MB in 4 ms = 2.048 GB/s.
+    rates = kind_rates.kind_rates({"pointwise_conv": 0.2, "batch_norm": 4.0, "head": 0.0}, 10, work,
+                                  peak_tflops=0.1, peak_gbps=4.096)
+    assert rates == {"pointwise_conv": {"tflops": pytest.approx(0.0786432), "of_peak": pytest.approx(0.786432)},
+                     "batch_norm": {"gbps": pytest.approx(2.048), "of_peak": pytest.approx(0.5)}}
+    assert kind_rates.kind_rates({"batch_norm": 40.0}, None, work, 0.1, 4.0) == {}  # steps unknown
+    assert profile_report._rate_cells(rates["batch_norm"]) == "| 2.05 GB/s | 50% |"
+
+
 def test_report_of_a_captured_training_window(model_dir):
     paths = profile_report.find_profile(model_dir)
-    report = profile_report.build_report(paths, top=60)
+    report = profile_report.build_report(paths, top=60, peak_tflops=0.5, peak_gbps=10.0)
     assert report["device"] == "host"  # CPU only
     assert report["steps"] == 3 and report["step_time_ms"] > 0  # the window 3,6: one marker per step
     for kind in ("depthwise_conv", "pointwise_conv"):
@@ -121,6 +152,16 @@ def test_report_of_a_captured_training_window(model_dir):
     assert sum(report["shares"].values()) == pytest.approx(100, abs=0.5)
     assert sum(report["kinds_ms"].values()) == pytest.approx(report["total_self_time_ms"], rel=1e-6)
     assert set(report["blocks"]) == {"block00", "block01"} and report["warnings"] == []
+    # The run's flags.txt gives each kind its work, so its rate against the given peaks.
+    assert report["precision"] == "float32" and report["peak_tflops_source"] == "--peak_tflops"
+    assert report["work_per_step"] == flops.step_work(16, 2, 3, 2, 8, 4, batch=32)
+    for kind, unit, peak in (("pointwise_conv", "tflops", 0.5), ("depthwise_conv", "tflops", 0.5),
+                             ("batch_norm", "gbps", 10.0), ("activation", "gbps", 10.0)):
+        rate = report["rates"][kind]
+        expected = next(iter(report["work_per_step"][kind].values())) * 3 / report["kinds_ms"][kind] * 1e3
+        assert rate[unit] == pytest.approx(expected / (1e12 if unit == "tflops" else 1e9))
+        assert rate["of_peak"] == pytest.approx(rate[unit] / peak)
+    assert "layout" not in report["rates"] and "other" not in report["rates"]
 
     json_path, md_path = profile_report.write_report(report)
     assert os.path.dirname(json_path) == os.path.dirname(paths[0])
@@ -134,7 +175,10 @@ def test_report_of_a_captured_training_window(model_dir):
 def test_cli_prints_the_report_and_fails_in_one_line_without_a_profile(model_dir, tmp_path):
     done = run_cli("convmixer_dist.perf.profile_report", model_dir, "--top=5")
     assert done.returncode == 0, done.stderr
-    assert "| kind | ms | % |" in done.stdout and "## Top 5 ops by self time" in done.stdout
+    assert "| kind | ms | % | achieved | of peak |" in done.stdout and "## Top 5 ops by self time" in done.stdout
+    # The peaks measured by the command itself: positive rates, each kind's fraction of them.
+    assert "TFLOP/s (measured (float32 matmul))" in done.stdout and "(measured (float32 x * a + b))" in done.stdout
+    assert re.search(r"\| pointwise_conv \| [\d.]+ \| [\d.]+ \| [\d.e+-]+ TFLOP/s \| \d+% \|", done.stdout), done.stdout
     assert "3 steps" in done.stdout and "host-side ops" in done.stdout
     assert "Traceback" not in done.stderr
 

@@ -41,6 +41,48 @@ def convmixer_flops(hidden_dim: int, depth: int, kernel_size: int, patch_size: i
     return stem + depth * block + 2 * hidden_dim * num_classes
 
 
+# Minimum memory traffic of the element-wise layers per feature-map element, in tensors read or
+# written once: forward x -> y (2), backward x, dy -> dx (3). AdamW per trainable weight: reads the
+# weight, its gradient and both moments, writes the weight and both moments (7, float32).
+ELEMENTWISE_PASSES = 5
+OPTIMIZER_PASSES = 7
+
+
+def trainable_params(hidden_dim: int, depth: int, kernel_size: int, patch_size: int,
+                     num_classes: int, channels: int = 3) -> int:
+    """Trainable weights of a ConvMixer (BatchNorm's moving statistics excluded), closed form."""
+    h = hidden_dim
+    stem = patch_size * patch_size * channels * h + h + 2 * h
+    block = kernel_size * kernel_size * h + h + 2 * h + h * h + h + 2 * h
+    return stem + depth * block + h * num_classes + num_classes
+
+
+def step_work(hidden_dim: int, depth: int, kernel_size: int, patch_size: int, image_size: int,
+              num_classes: int, batch: int, element_bytes: int = 4, channels: int = 3
+              ) -> dict[str, dict[str, int]]:
+    """Work of one training step of `batch` images per kind of op (profile_report's kinds):
+    {"flops": N} for the convolutions and the head, {"bytes": N} for the element-wise kinds.
+
+    FLOPs are the forward's x 3 (forward, input gradient, weight gradient), except the stem, whose
+    input gradient is never computed (x 2). Bytes are the minimum traffic (ELEMENTWISE_PASSES tensors
+    of `element_bytes` per feature-map element and layer; the optimizer's OPTIMIZER_PASSES float32
+    tensors per weight): a kernel that moves more, or is slower than memory, shows as a lower GB/s.
+    """
+    n = image_size // patch_size
+    elements = batch * n * n * hidden_dim  # one feature map
+    eltwise = (1 + 2 * depth) * ELEMENTWISE_PASSES * elements * element_bytes
+    params = trainable_params(hidden_dim, depth, kernel_size, patch_size, num_classes, channels)
+    return {
+        "pointwise_conv": {"flops": 3 * depth * 2 * elements * hidden_dim},
+        "depthwise_conv": {"flops": 3 * depth * 2 * elements * kernel_size * kernel_size},
+        "stem_conv": {"flops": 2 * 2 * elements * patch_size * patch_size * channels},
+        "head": {"flops": 3 * 2 * batch * hidden_dim * num_classes},
+        "activation": {"bytes": eltwise},
+        "batch_norm": {"bytes": eltwise},
+        "optimizer": {"bytes": OPTIMIZER_PASSES * 4 * params},
+    }
+
+
 def layer_flops(model) -> dict[str, int]:
     """Forward FLOPs per image of each Conv2D / DepthwiseConv2D / Dense layer, by layer name."""
     import keras
@@ -226,3 +268,39 @@ def measure_matmul_tflops(policy: str = "float32", size: int = PEAK_MATMUL_SIZE,
     flops = 2.0 * size ** 3 * chain
     return {"tflops": flops / statistics.median(seconds) / 1e12, "tflops_max": flops / min(seconds) / 1e12,
             "dtype": dtype, "size": size, "chain": chain, "window_seconds": seconds}
+
+
+PEAK_STREAM_ELEMENTS = 1 << 24  # 64 MiB of float32 per tensor: far beyond the caches
+
+
+def measure_memory_gbps(elements: int = PEAK_STREAM_ELEMENTS, windows: int = 3,
+                        device: str | None = None, window_seconds: float = 0.3) -> dict:
+    """The achievable memory bandwidth for element-wise work: GB/s of x <- x * a + b over `elements`
+    float32 values through TensorFlow (one read and one write per element and pass), timed like
+    `measure_matmul_tflops`. Returns {"gbps", "gbps_max", "elements", "chain", "window_seconds"}."""
+    import time
+
+    import tensorflow as tf
+
+    from convmixer_dist.perf.timing import time_calls
+
+    with tf.device(device):
+        x0 = tf.random.stateless_uniform([elements], seed=[5, 6])
+
+        @tf.function
+        def stream_chain(x, chain):
+            for _ in tf.range(chain):
+                x = x * 0.5 + 0.25  # Eigen fuses the two into one pass
+            return x[0]
+
+        def run(chain: int):
+            float(stream_chain(x0, tf.constant(chain)))
+
+        run(1)
+        start = time.perf_counter()
+        run(1)
+        chain = max(1, round(window_seconds / max(time.perf_counter() - start, 1e-6)))
+        seconds = time_calls(lambda: run(chain), 1, windows)
+    moved = 2.0 * 4 * elements * chain
+    return {"gbps": moved / statistics.median(seconds) / 1e9, "gbps_max": moved / min(seconds) / 1e9,
+            "elements": elements, "chain": chain, "window_seconds": seconds}

@@ -29,7 +29,18 @@ Kinds follow the model's layer names (`stem_conv`, `blockNN_depthwise_conv`, `bl
 `head_dense`, ...), forward and backward (`gradient_tape/...`) alike, then op scope and type (see
 `classify`): `all_reduce` includes the _Send/_Recv copies between replicas, `input` the tf.data
 iterator ops and the ops of tf.data functions (outside the train loop), and `other` the loss, the
-residual adds, the AddN ops summing gradients (they carry no layer name) and the unlisted rest.
+residual adds, the AddN ops summing gradients (they carry no layer name) and the unlisted rest;
+`layout` is data movement without arithmetic inside the step wherever it is (transposes, pads,
+dtype casts, oneDNN layout reorders), e.g. the transposes of the folded depthwise gradient.
+
+Distance to the limit per kind: where MODEL_DIR's flags.txt describes the model, each kind gets its
+work per step from the model's shapes (`flops.step_work`: FLOPs for the convolutions and the head,
+minimum bytes for BatchNorm, the activation and the optimizer), an achieved rate (work x steps / the
+kind's self time: TFLOP/s or GB/s) and its fraction of the achievable peak, measured by this command
+(a matmul in the run's compute dtype, `flops.measure_matmul_tflops`; a streaming x * a + b,
+`flops.measure_memory_gbps`) unless --peak_tflops / --peak_gbps give it. Run it on a quiet machine,
+as the benchmark. Ops of different kinds can overlap in time (self time summed over threads exceeds
+the step time), so a kind's rate is that of its own ops while sharing the cores, a lower bound.
 Writes profile_report.json and profile_report.md in the run directory and prints the Markdown. The
 converters also cache their results there (ALL_HOSTS.op_stats_v2.pb), as TensorBoard does.
 """
@@ -49,11 +60,12 @@ from absl import flags
 from convmixer_dist import flags as cli
 from convmixer_dist import rundir
 from convmixer_dist.errors import UsageError
+from convmixer_dist.perf import kind_rates
 from convmixer_dist.runtime import native_stderr_captured
 
 REPORT_JSON, REPORT_MD = "profile_report.json", "profile_report.md"
 MODEL_KINDS = ("depthwise_conv", "pointwise_conv", "stem_conv", "batch_norm", "activation", "head")
-KINDS = MODEL_KINDS + ("all_reduce", "input", "optimizer", "other")  # They partition the op time.
+KINDS = MODEL_KINDS + ("all_reduce", "input", "optimizer", "layout", "other")  # They partition the op time.
 UNLISTED = "(unlisted)"  # Type of the row standing for the ops beyond the converter's 500-row table.
 
 # A layer in an op's path, as `model.py` names it; TF appends `_1` etc. to the scope.
@@ -74,6 +86,8 @@ _TYPE_KIND = [(re.compile(r"DepthwiseConv2dNative"), "depthwise_conv"),
               (re.compile(r"Gelu|Erfc?$|Relu|Elu$|Selu|Softplus|Sigmoid|Tanh"), "activation"),
               (re.compile(r"MatMul"), "head"),  # head_dense is the model's only dense layer.
               (re.compile(r"^ResourceApply|^Apply"), "optimizer")]
+# Data movement without arithmetic wherever it appears: transposes, pads, dtype casts, oneDNN reorders.
+_LAYOUT_TYPES = re.compile(r"Transpose$|^Cast$|^Pad(V2)?$|MklToTf|TfToMkl|DataFormat")
 # Every op of a training step runs inside train_loop's `tf.range` loop (`while/...`); host ops
 # outside it are tf.data functions (map, generator). Checkpoint writes are not input.
 _TRAIN_LOOP = "while/"
@@ -227,6 +241,8 @@ def classify(op_name: str, op_type: str) -> str:
         # The optimizer's own update has no AddN; under MirroredStrategy's ReductionToOneDevice the
         # AddN in its scope sums the replicas' gradients (batch_reduce_to inside apply_gradients).
         return "all_reduce" if op_type == "AddN" else "optimizer"
+    if _LAYOUT_TYPES.search(op_type) and _TRAIN_LOOP in op_name:
+        return "layout"
     layer = _LAYER.search(op_name)
     if layer:
         prefix, part = layer.groups()
@@ -301,8 +317,10 @@ def summarise(rows: list[OpRow], top: int, side: str = "auto", step_times_ms: Se
     }
 
 
-def build_report(paths: list[str], top: int = 15, side: str = "auto") -> dict:
-    """Read the profile's hosts through xprof and summarise them."""
+def build_report(paths: list[str], top: int = 15, side: str = "auto", peak_tflops: float = 0.0,
+                 peak_gbps: float = 0.0, rates: bool = True) -> dict:
+    """Read the profile's hosts through xprof and summarise them; with `rates` (and the run's
+    flags.txt), each kind's achieved rate against the peaks (measured where not given)."""
     rows = load_op_stats(paths)
     trace = None
     if pick_side(rows, side) == "host":  # XLA calls are host rows; a GPU's trace can be large
@@ -313,7 +331,21 @@ def build_report(paths: list[str], top: int = 15, side: str = "auto") -> dict:
               "xplane_files": [os.path.basename(p) for p in paths],
               "step_time_source": source}
     report.update(summarise(rows, top, side, step_times))
+    work, policy = kind_rates.run_work(paths) if rates else ({}, None)
+    report["precision"], report["work_per_step"], report["rates"] = policy, work, {}
+    if work and report["steps"]:
+        report.update(kind_rates.measure_peaks(policy, peak_tflops, peak_gbps))
+        report["rates"] = kind_rates.kind_rates(report["kinds_ms"], report["steps"], work,
+                                     report["peak_tflops"], report["peak_gbps"])
     return report
+
+
+def _rate_cells(rate: dict | None) -> str:
+    """"| 0.123 TFLOP/s | 52% |" for a kind's rate, or empty cells."""
+    if not rate:
+        return "| | |"
+    text = f"{rate['tflops']:.3g} TFLOP/s" if "tflops" in rate else f"{rate['gbps']:.3g} GB/s"
+    return f"| {text} | {rate['of_peak']:.0%} |" if rate["of_peak"] else f"| {text} | |"
 
 
 # ------------------------------------------------------------------------------------- output
@@ -329,9 +361,14 @@ def to_markdown(report: dict) -> str:
     lines = [f"# Profile report: {report['profile']}", "",
              f"{where}: {report['total_self_time_ms']:.2f} ms self time in total; {steps}.", ""]
     lines += [f"**Warning:** {w}." for w in report["warnings"]] + [""] * bool(report["warnings"])
-    lines += ["| kind | ms | % |", "|---|---:|---:|"]
+    if report.get("rates"):
+        lines += [f"Achieved rate per kind against the peaks: {report['peak_tflops']:.3f} TFLOP/s "
+                  f"({report['peak_tflops_source']}), {report['peak_gbps']:.1f} GB/s "
+                  f"({report['peak_gbps_source']}); precision {report['precision']}.", ""]
+    lines += ["| kind | ms | % | achieved | of peak |", "|---|---:|---:|---:|---:|"]
     for kind in sorted(report["kinds_ms"], key=lambda k: -report["kinds_ms"][k]):
-        lines.append(f"| {kind} | {report['kinds_ms'][kind]:.2f} | {report['shares'][kind]:.1f} |")
+        lines.append(f"| {kind} | {report['kinds_ms'][kind]:.2f} | {report['shares'][kind]:.1f} "
+                     + _rate_cells(report.get("rates", {}).get(kind)))
     lines += ["", f"## Top {len(report['top_ops'])} ops by self time", "",
               "| # | op | type | kind | ms | % |", "|---:|---|---|---|---:|---:|"]
     for i, op in enumerate(report["top_ops"], 1):
@@ -365,13 +402,19 @@ def define_flags() -> None:
     flags.DEFINE_integer("top", 15, "How many ops to list by self time.", lower_bound=1)
     flags.DEFINE_enum("side", "auto", ["auto", "host", "device"],
                       "Whose op time to analyse: auto = device ops if the profile has any, else host.")
+    flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s the convolutions' rates are compared with; "
+                       "0 = measure it now (a matmul in the run's compute dtype).", lower_bound=0)
+    flags.DEFINE_float("peak_gbps", 0.0, "Peak GB/s the element-wise kinds' rates are compared with; "
+                       "0 = measure it now (a streaming x * a + b).", lower_bound=0)
+    flags.DEFINE_boolean("rates", True, "Achieved rate per kind from the run's flags.txt (model shapes).")
 
 
 def main(args: list[str], f: types.SimpleNamespace) -> None:
     if len(args) != 1:
         raise UsageError("expected one MODEL_DIR (or a profile run directory or .xplane.pb file); "
                          "usage: python -m convmixer_dist.perf.profile_report MODEL_DIR [--top=N] [--run=RUN]")
-    report = build_report(find_profile(args[0], f.run), f.top, f.side)
+    report = build_report(find_profile(args[0], f.run), f.top, f.side, f.peak_tflops, f.peak_gbps,
+                          f.rates)
     json_path, md_path = write_report(report)
     print(to_markdown(report), flush=True)
     print(f"wrote {json_path} and {md_path}")
