@@ -92,6 +92,31 @@ def test_fused_batch_norm_matches_keras_outputs_gradients_and_moving_statistics(
                                              for w in ref.weights]
 
 
+def test_bfloat16_batch_norm_and_gelu_stay_in_bfloat16_and_match_keras():
+    # Under mixed_bfloat16 the fused BatchNorm normalizes the bfloat16 tensor itself (float32
+    # statistics) and the GELU computes in float32 between a bfloat16 load and store: outputs and
+    # input gradients are bfloat16, within bfloat16 rounding (2^-8 relative, a few roundings) of
+    # Keras' layers under the same policy; the moving statistics are float32 and agree to 1e-3.
+    rng = np.random.default_rng(4)
+    x = tf.cast(rng.normal(loc=1.0, scale=2.0, size=(6, 4, 4, 5)), tf.bfloat16)
+    ref = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, dtype="mixed_bfloat16")
+    new = fused.FusedBatchNormalization(momentum=0.9, epsilon=1e-5, dtype="mixed_bfloat16")
+    ref.build((6, 4, 4, 5)), new.build((6, 4, 4, 5))
+    ref.set_weights([rng.normal(size=5).astype(np.float32) for _ in range(3)]
+                    + [rng.uniform(0.5, 2.0, size=5).astype(np.float32)])
+    new.set_weights(ref.get_weights())
+    for layer_ref, layer_new in ((ref, new), (keras.layers.Activation("gelu", dtype="mixed_bfloat16"),
+                                              fused.ExactGelu(dtype="mixed_bfloat16"))):
+        (y_ref, g_ref), (y, g) = _value_and_grads(layer_ref, x), _value_and_grads(layer_new, x)
+        assert y.dtype == g[0].dtype == tf.bfloat16, layer_new.name
+        _close(tf.cast(y_ref, tf.float32), tf.cast(y, tf.float32), 3e-2)
+        for a, b in zip(g_ref, g):
+            _close(tf.cast(a, tf.float32), tf.cast(b, tf.float32), 3e-2)
+    assert all(w.dtype == "float32" for w in new.weights)
+    for a, b in zip(ref.get_weights(), new.get_weights()):
+        _close(a, b, 1e-3)
+
+
 def _train_steps(strategy, kernels: fused.KernelChoice, sync_bn: bool, weights) -> list[np.ndarray]:
     """Three SGD steps of the tiny model on fixed data; returns all weights (moving statistics too)."""
     images = np.random.default_rng(3).normal(size=(8, 8, 8, 3)).astype(np.float32)
