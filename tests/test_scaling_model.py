@@ -38,13 +38,25 @@ def test_two_level():
 
 
 def test_step_with_and_without_overlap():
-    assert scaling.step_seconds(0.030, 0.050, overlap=False, tail_fraction=0.1) == pytest.approx(0.080)
+    assert scaling.step_seconds(0.030, 0.050, overlap=False, tail=0.005) == pytest.approx(0.080)
     # Forward 10 ms, backward 20 ms hides 45 of the 50 ms; the last bucket's 5 ms follows it.
-    assert scaling.step_seconds(0.030, 0.050, overlap=True, tail_fraction=0.1) == pytest.approx(0.060)
+    assert scaling.step_seconds(0.030, 0.050, overlap=True, tail=0.005) == pytest.approx(0.060)
     # Communication shorter than the backward pass: only the last bucket shows.
-    assert scaling.step_seconds(0.030, 0.010, overlap=True, tail_fraction=0.1) == pytest.approx(0.031)
+    assert scaling.step_seconds(0.030, 0.010, overlap=True, tail=0.001) == pytest.approx(0.031)
     # One bucket for everything: nothing overlaps.
-    assert scaling.step_seconds(0.030, 0.010, overlap=True, tail_fraction=3) == pytest.approx(0.040)
+    assert scaling.step_seconds(0.030, 0.010, overlap=True, tail=0.010) == pytest.approx(0.040)
+
+
+def test_buckets_pay_the_latency_each():
+    # 100 MB in 25 MB buckets over 16 GPUs (2 nodes, ring): 4 all-reduces, each 30 x 10 us latency;
+    # the last bucket, 2*15/16 * 25 MB / 10 GB/s + 0.3 ms, after the backward pass.
+    # A 15 ms compute step: 5 ms forward, then 10 ms backward under which 19.95 - 4.99 ms cannot fit.
+    row = scaling.predict(0.015, 25_000_000, 16, LINK, "ring", "float32", True, 25e6)
+    assert row["buckets"] == 4 and row["comm_ms"] == pytest.approx(18.75 + 4 * 0.3)
+    tail = 18.75 / 4 + 0.3
+    assert row["step_ms"] == pytest.approx(5 + (18.75 + 1.2 - tail) + tail)
+    one = scaling.predict(0.015, 25_000_000, 16, LINK, "ring", "float32", False, 25e6)
+    assert one["buckets"] == 1 and one["step_ms"] == pytest.approx(15 + 18.75 + 0.3)
 
 
 def test_predict_compression_halves_the_bytes():
@@ -70,6 +82,12 @@ def test_cli_table_from_flops(tmp_path):
                                                             r["overlap"]) == (16, "ring", "float32", False))
     expected = 2 * 15 / 16 * 4 * 51_625_960 / 12.5e9 + 30 * 5e-6
     assert ring16["comm_ms"] == pytest.approx(1e3 * expected)
+    # The 768/32 preset and the columns asked for: two-level only, bf16 only (with and without overlap).
+    result = run_cli("convmixer_dist.perf.scaling", "--predict", "--model=convmixer_768_32", "--gpus=16",
+                     "--algorithms=two_level", "--reduction_dtypes=bfloat16")
+    assert result.returncode == 0, result.stderr
+    assert "21.1M gradient parameters" in result.stdout
+    assert "GPUs | two_level bf16 | two_level bf16 overlap" in result.stdout
 
 
 def test_measured_row_by_hand():
@@ -99,7 +117,9 @@ def test_measured_row_by_hand():
 
 
 @pytest.mark.parametrize("args,named", [(["--predict", "--mfu=2"], "--mfu"), (["--predict", "--gpus=0"], "--gpus=0"),
-                                        (["--predict", "--model=nope"], "--model")])
+                                        (["--predict", "--model=nope"], "--model"),
+                                        (["--predict", "--algorithms=tree"], "--algorithms=tree"),
+                                        (["--predict", "--reduction_dtypes=int8"], "--reduction_dtypes=int8")])
 def test_cli_bad_arguments_are_one_line(args, named):
     result = run_cli("convmixer_dist.perf.scaling", *args)
     lines = result.stderr.strip().splitlines()

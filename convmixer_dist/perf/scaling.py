@@ -90,6 +90,10 @@ def define_flags() -> None:
     flags.DEFINE_list("gpus", [str(n) for n in sm.DEFAULT_GPUS], "--predict: GPU counts (1..1048576).")
     flags.DEFINE_list("inter_node_gbps", ["100"], "--predict: network rate per link between nodes, Gb/s "
                       "(one table each), 0.001..1e6.")
+    flags.DEFINE_list("algorithms", list(sm.ALGORITHMS), "--predict: all-reduce algorithms to tabulate: "
+                      + ", ".join(sm.ALGORITHMS) + ".")
+    flags.DEFINE_list("reduction_dtypes", ["float32", "bfloat16"], "--predict: gradient reduction dtypes "
+                      "to tabulate: " + ", ".join(sm.DTYPE_BYTES) + ".")
     flags.DEFINE_list("rate", [], "Measured: the test bed's link rates to run the multi runs at, each "
                       "'unshaped' or a tc rate (100mbit, 1gbit); empty = unshaped (or, with --testbed, "
                       "the bed as it is).")
@@ -415,8 +419,13 @@ def main(args: list[str], opts) -> None:
     if not opts.predict:
         run_measured(opts)
         return
+    for flag, items, known in [("algorithms", opts.algorithms, sm.ALGORITHMS),
+                               ("reduction_dtypes", opts.reduction_dtypes, sm.DTYPE_BYTES)]:
+        if not items or not set(items) <= set(known):
+            raise UsageError(f"--{flag}={','.join(items)}: expected some of {', '.join(known)}")
     result = sm.run_predict(opts, _numbers("gpus", opts.gpus, int, 1, 1 << 20),
-                            _numbers("inter_node_gbps", opts.inter_node_gbps, float, 0.001, 1e6))
+                            _numbers("inter_node_gbps", opts.inter_node_gbps, float, 0.001, 1e6),
+                            opts.reduction_dtypes, opts.algorithms)
     if opts.output:
         rundir.write_json(opts.output, result)
         print(f"Saved {opts.output}")

@@ -11,10 +11,12 @@ reduction dtype's size) is all-reduced:
 - two_level: reduce-scatter over NVLink inside each node, a ring all-reduce of each GPU's 1/g shard
   across the M = N/g nodes (the g shards share the node's network link), all-gather over NVLink:
   t = 2(g-1)/g x S / B_nvlink + 2(M-1)/M x S / B_node + 2(M-1) x latency.
-- no overlap: step = t_c + t_comm. With overlap (buckets all-reduced as the backward pass produces
-  them, last layer first): the backward pass is 2/3 of t_c (training = 3 x forward FLOPs); all but
-  the last bucket can hide under it, the last one (the first layer's gradients, produced last) cannot:
-  step = t_c/3 + max(2t_c/3, t_comm - t_tail) + t_tail, t_tail = t_comm x min(1, bucket / S).
+- no overlap: the gradient as one all-reduce after the backward pass, step = t_c + t_comm. With
+  overlap (buckets all-reduced as the backward pass produces them, last layer first): each of the
+  ceil(S / bucket) all-reduces pays the latency term once; the backward pass is 2/3 of t_c (training
+  = 3 x forward FLOPs); all but the last bucket can hide under it, the last one (the first layers'
+  gradients, produced last: one bucket's bytes plus the latency term, t_tail) cannot:
+  step = t_c/3 + max(2t_c/3, t_comm - t_tail) + t_tail.
 - compression: the gradient reduced in bfloat16/float16 halves S (the casts are not counted).
 Efficiency = t_c / step. Not modelled: the network's own congestion, NCCL's protocol overheads and
 chunking, stragglers, the input pipeline; NVLink latency is taken as zero.
@@ -74,30 +76,35 @@ def two_level_seconds(gpus: int, nbytes: float, link: Link) -> float:
 ALGORITHMS = {"ring": ring_seconds, "two_level": two_level_seconds}
 
 
-def step_seconds(compute: float, comm: float, overlap: bool, tail_fraction: float) -> float:
-    """The step time from compute and communication (see the module docstring)."""
+def step_seconds(compute: float, comm: float, overlap: bool, tail: float) -> float:
+    """The step time from compute, communication and (with overlap) the last bucket's seconds `tail`
+    (see the module docstring)."""
     if not overlap:
         return compute + comm
-    tail = comm * min(1.0, tail_fraction)
     return compute / 3 + max(2 * compute / 3, comm - tail) + tail
 
 
 def predict(compute: float, gradient_params: int, gpus: int, link: Link, algorithm: str, dtype: str,
             overlap: bool, bucket_bytes: float) -> dict:
-    """Predicted step of one setting: communication seconds, step seconds, efficiency."""
+    """Predicted step of one setting: communication seconds, step seconds, efficiency. Without
+    overlap the gradient is one all-reduce; with it, ceil(S / bucket) all-reduces, each paying the
+    latency term, the last one (a bucket's bytes and its latency) after the backward pass."""
     nbytes = gradient_params * DTYPE_BYTES[dtype]
-    comm = ALGORITHMS[algorithm](gpus, nbytes, link)
-    step = step_seconds(compute, comm, overlap, bucket_bytes / nbytes)
+    all_reduce = ALGORITHMS[algorithm]
+    buckets = max(1, math.ceil(nbytes / bucket_bytes)) if overlap else 1
+    comm = all_reduce(gpus, nbytes, link) + (buckets - 1) * all_reduce(gpus, 0.0, link)
+    tail = all_reduce(gpus, min(bucket_bytes, nbytes), link)
+    step = step_seconds(compute, comm, overlap, tail)
     return {"gpus": gpus, "algorithm": algorithm, "allreduce_dtype": dtype, "overlap": overlap,
-            "bytes": nbytes, "compute_ms": 1e3 * compute, "comm_ms": 1e3 * comm, "step_ms": 1e3 * step,
-            "efficiency": compute / step}
+            "bytes": nbytes, "buckets": buckets, "compute_ms": 1e3 * compute, "comm_ms": 1e3 * comm,
+            "step_ms": 1e3 * step, "efficiency": compute / step}
 
 
 def predict_table(compute: float, gradient_params: int, gpus_list, link: Link, bucket_bytes: float,
-                  dtypes=("float32", "bfloat16")) -> list[dict]:
+                  dtypes=("float32", "bfloat16"), algorithms=tuple(ALGORITHMS)) -> list[dict]:
     """Every combination of GPUs, algorithm, overlap and reduction dtype."""
     return [predict(compute, gradient_params, n, link, algorithm, dtype, overlap, bucket_bytes)
-            for n in gpus_list for algorithm in ALGORITHMS for dtype in dtypes for overlap in (False, True)]
+            for n in gpus_list for algorithm in algorithms for dtype in dtypes for overlap in (False, True)]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -129,7 +136,7 @@ def predict_sizes(overrides: dict[str, str]) -> dict:
     return sizes
 
 
-def run_predict(opts, gpus_list: list[int], rates: list[float]) -> dict:
+def run_predict(opts, gpus_list: list[int], rates: list[float], dtypes: list[str], algorithms: list[str]) -> dict:
     """The tables of `perf.scaling --predict` (printed, and returned for the JSON)."""
     p = predict_sizes(opts.overrides)
     params = gradient_parameters(p["hidden_dim"], p["depth"], p["kernel_size"], p["patch_size"],
@@ -151,7 +158,7 @@ def run_predict(opts, gpus_list: list[int], rates: list[float]) -> dict:
     for rate in rates:
         link = Link(opts.gpus_per_node, opts.nvlink_gbytes * 1e9, rate * 1e9 / 8 * opts.nics_per_node,
                        opts.latency_us * 1e-6)
-        rows = predict_table(compute, params, gpus_list, link, opts.bucket_mb * 1e6)
+        rows = predict_table(compute, params, gpus_list, link, opts.bucket_mb * 1e6, dtypes, algorithms)
         result["tables"].append({"link": dataclasses.asdict(link), "inter_node_gbps": rate, "rows": rows})
         print(f"\n{opts.gpus_per_node} GPUs/node, NVLink {opts.nvlink_gbytes:g} GB/s, {opts.nics_per_node} x "
               f"{rate:g} Gb/s between nodes, latency {opts.latency_us:g} us: efficiency (step time)")
