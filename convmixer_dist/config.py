@@ -33,11 +33,6 @@ NAN_POLICIES = ("stop", "rollback")
 IDENTITY_FIELDS = ("model", "hidden_dim", "depth", "kernel_size", "patch_size", "activation",
                    "dataset", "num_classes", "image_size", "precision")
 
-# Examples per split of the datasets with a fixed size (the synthetic size is a flag).
-DATASET_SIZES = {"cifar10": (50000, 10000), "cifar100": (50000, 10000)}
-DATASET_CLASSES = {"cifar10": 10, "cifar100": 100}
-NATIVE_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32}
-
 
 MODELS = tuple(sorted(PRESETS))
 # Former flag names still accepted (on the command line, in flagfiles and in older runs' flags.txt):
@@ -339,26 +334,15 @@ class Derived:
     eval_size: int
 
 
-def dataset_sizes(config: Config) -> tuple[int, int]:
-    """(train, eval) example counts of the configured dataset."""
-    if config.dataset == "synthetic":
-        return config.synthetic_train_size, config.synthetic_test_size
-    return DATASET_SIZES[config.dataset]
-
-
-def derive(config: Config, num_replicas: int, train_size: Optional[int] = None,
-           eval_size: Optional[int] = None) -> Derived:
-    """Per-replica batch, steps per epoch and total steps; `--train_steps` wins over `--epochs`."""
+def derive(config: Config, num_replicas: int, train_size: int, eval_size: int) -> Derived:
+    """Per-replica batch, steps per epoch and total steps of `train_size` training examples (the
+    data pipeline's `trained_sizes`); `--train_steps` wins over `--epochs`."""
     divisor = num_replicas * config.grad_accum_steps  # each replica's micro-batch must be whole
     if config.global_batch_size % divisor:
         accum = f" x --grad_accum_steps={config.grad_accum_steps}" if config.grad_accum_steps > 1 else ""
         raise UsageError(
             f"--global_batch_size={config.global_batch_size} is not divisible by the "
             f"{num_replicas} replicas of --strategy={config.strategy}{accum}; use a multiple of {divisor}")
-    default_train, default_eval = dataset_sizes(config) if config.dataset in DATASET_SIZES or \
-        config.dataset == "synthetic" else (0, 0)
-    train_size = default_train if train_size is None else train_size
-    eval_size = default_eval if eval_size is None else eval_size
     steps_per_epoch = train_size // config.global_batch_size
     if steps_per_epoch < 1:
         raise UsageError(f"--global_batch_size={config.global_batch_size} is larger than the "

@@ -9,7 +9,6 @@ fraction of a second and produces one line (`error: ...`, exit code 2) without a
 """
 from __future__ import annotations
 
-import json
 import os
 import types
 from typing import Any, Callable, Optional
@@ -18,6 +17,7 @@ from absl import app, flags, logging
 
 from convmixer_dist import config as cfg
 from convmixer_dist import errors
+from convmixer_dist.data import registry
 from convmixer_dist.errors import UsageError, check_flagfiles, report_and_exit
 from convmixer_dist.presets import PRESETS
 from convmixer_dist.profiling import parse_profile_steps
@@ -84,42 +84,9 @@ def validate(c: cfg.Config) -> None:
     if c.data_dir and not os.path.exists(c.data_dir):
         raise UsageError(f"--data_dir={c.data_dir} does not exist: expected the folder holding "
                          f"the {c.dataset} files (or their .tar.gz)")
-    if c.dataset == "tfrecord" and c.validation_fraction:
-        raise UsageError("--validation_fraction needs random access to the training examples; "
-                         "--dataset=tfrecord reads them as streams (hold out shards instead)")
-    if c.dataset == "tfrecord" and not c.data_dir:
-        raise UsageError("--dataset=tfrecord needs --data_dir=DIR with train-* and validation-* shards")
-    if c.dataset == "image_folder" and not c.data_dir:
-        raise UsageError("--dataset=image_folder needs --data_dir=DIR with DIR/train/<class>/ and DIR/val/<class>/")
-    if c.dataset == "synthetic" and c.data_dir:
-        raise UsageError("--data_dir is not used by --dataset=synthetic; drop it or pick a real dataset")
+    registry.source(c).check(c)
     if not c.model_dir:
         raise UsageError("--model_dir is empty: expected a directory for checkpoints and logs")
-
-
-def _count_class_folders(data_dir: str) -> int:
-    """Classes of an image_folder tree: the subfolders of DATA_DIR/train (read before TensorFlow)."""
-    train = os.path.join(data_dir, "train")
-    if not data_dir or not os.path.isdir(train):
-        raise UsageError(f"--data_dir={data_dir!r}: --dataset=image_folder expects DIR/train/<class>/*.jpg "
-                         "and DIR/val/<class>/*.jpg")
-    return len([d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d))])
-
-
-def _tfrecord_classes(data_dir: str, num_classes: int) -> int:
-    """Classes of a TFRecord directory: DATA_DIR/class_names.json if the converter wrote it, else
-    --num_classes (TF's ImageNet tooling writes no names: pass --num_classes=1000)."""
-    path = os.path.join(data_dir or "", "class_names.json")
-    if not data_dir or not os.path.isfile(path):
-        return num_classes
-    try:
-        with open(path) as f:
-            names = json.load(f)
-    except (OSError, ValueError):
-        raise UsageError(f"{path}: not a JSON list of class names") from None
-    if not isinstance(names, list):
-        raise UsageError(f"{path}: not a JSON list of class names")
-    return len(names)
 
 
 def values_from_flags(flag_values: flags.FlagValues = FLAGS) -> dict[str, Any]:
@@ -135,15 +102,9 @@ def resolve(values: dict[str, Any]) -> cfg.Config:
     for field in cfg.settings():
         if field.metadata["unset"] == "preset" and values[field.name] is None:
             values[field.name] = preset[field.name]
-    dataset = values["dataset"]
-    if dataset in cfg.DATASET_CLASSES:
-        values["num_classes"] = cfg.DATASET_CLASSES[dataset]
-    if dataset == "image_folder":
-        values["num_classes"] = _count_class_folders(values["data_dir"])
-    if dataset == "tfrecord":
-        values["num_classes"] = _tfrecord_classes(values["data_dir"], values["num_classes"])
-    values["image_size"] = values["image_size"] or cfg.NATIVE_IMAGE_SIZE.get(
-        dataset, preset["image_size"] if dataset in ("image_folder", "tfrecord") else 32)
+    described = registry.describe(cfg.Config(**values))  # classes and native size of the dataset
+    values["num_classes"] = described.num_classes
+    values["image_size"] = values["image_size"] or described.image_size or preset["image_size"]
     config = cfg.Config(**values)
     validate(config)
     return config

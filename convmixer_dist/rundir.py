@@ -25,6 +25,7 @@ from convmixer_dist.errors import UsageError
 from convmixer_dist.outputs import (  # noqa: F401
     atomic_output, check_path_length, ensure_writable_dir, ensure_writable_file, write_bytes,
     write_json, write_text)
+from convmixer_dist.seeds import DATA_ORDER, check_data_order
 
 FLAGS_FILE = "flags.txt"
 
@@ -36,9 +37,16 @@ LOCK_FILE = ".lock"
 NOT_MOVED = ("logs", LOCK_FILE)
 
 
+# The identity's record of the seed rule the run's example order follows (`seeds.DATA_ORDER`);
+# runs of versions before it have none (order 1).
+DATA_ORDER_KEY = "data_order"
+
+
 def run_identity(config: Config) -> dict[str, str]:
-    """The flags a checkpoint's shape and meaning depend on, as flagfile text."""
-    return {name: flag_text(getattr(config, name)) for name in IDENTITY_FIELDS}
+    """The flags a checkpoint's shape and meaning depend on, as flagfile text, and the data order."""
+    identity = {name: flag_text(getattr(config, name)) for name in IDENTITY_FIELDS}
+    identity[DATA_ORDER_KEY] = str(DATA_ORDER)
+    return identity
 
 
 def _has_checkpoints(model_dir: str) -> bool:
@@ -88,6 +96,9 @@ def check_resume_compatible(config: Config) -> None:
         raise UsageError(f"--model_dir={config.model_dir} holds a run with other flags "
                          f"({os.path.basename(source)}): {', '.join(differing)}; resume with the same "
                          f"flags, pick another --model_dir, or pass --overwrite to move the old run aside")
+    if _has_checkpoints(config.model_dir):
+        check_data_order(config, previous.get(DATA_ORDER_KEY, "1"))
+
 
 
 CHECKPOINT_SUBDIRS = ("checkpoints", "best_checkpoint")

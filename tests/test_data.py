@@ -8,6 +8,8 @@ import tensorflow as tf
 
 from cifar_files import pickle_styles, tar_gz, write_cifar10, write_cifar100
 from convmixer_dist.data import pipeline as data
+from convmixer_dist.data.source import Loaded
+from convmixer_dist.data.sources import cifar, synthetic
 from convmixer_dist.config import derive
 from convmixer_dist.errors import UsageError
 from helpers import tiny_config
@@ -22,7 +24,7 @@ def _reference_images(folder, name):
 def test_reads_folder_with_uneven_batch_files(tmp_path):
     folder = write_cifar10(str(tmp_path))
     for path in (str(tmp_path), folder):  # the parent and the folder itself both work
-        splits = data.read_cifar(path, "cifar10")
+        splits = cifar.read_cifar(path, "cifar10")
         assert splits["train"][0].shape == (30 + 17 + 25 + 9 + 19, 32, 32, 3)
         assert splits["test"][0].shape == (23, 32, 32, 3) and splits["test"][1].dtype == np.int32
     # HWC layout: the first training image equals data_batch_1's first row, channel-planar -> HWC.
@@ -33,14 +35,14 @@ def test_reads_tar_gz_directly_and_from_its_folder(tmp_path):
     folder = write_cifar10(str(tmp_path / "src"), train_sizes=(5, 8), test_size=3)
     archive = tar_gz(folder, str(tmp_path / "cifar-10-python.tar.gz"))
     for path in (archive, str(tmp_path)):
-        splits = data.read_cifar(path, "cifar10")
+        splits = cifar.read_cifar(path, "cifar10")
         assert len(splits["train"][0]) == 13 and len(splits["test"][0]) == 3
-    np.testing.assert_array_equal(splits["test"][0], data.read_cifar(folder, "cifar10")["test"][0])
+    np.testing.assert_array_equal(splits["test"][0], cifar.read_cifar(folder, "cifar10")["test"][0])
 
 
 def test_reads_cifar100_fine_labels(tmp_path):
     write_cifar100(str(tmp_path))
-    splits = data.read_cifar(str(tmp_path), "cifar100")
+    splits = cifar.read_cifar(str(tmp_path), "cifar100")
     assert len(splits["train"][1]) == 40 and splits["train"][1].max() < 100
 
 
@@ -49,21 +51,21 @@ def test_corrupt_and_missing_files_name_the_file(tmp_path):
     with open(os.path.join(folder, "data_batch_2"), "wb") as f:
         f.write(b"not a pickle")
     with pytest.raises(UsageError, match="data_batch_2"):
-        data.read_cifar(str(tmp_path), "cifar10")
+        cifar.read_cifar(str(tmp_path), "cifar10")
     with pytest.raises(UsageError, match="--data_dir"):
-        data.read_cifar(str(tmp_path / "empty"), "cifar100")
+        cifar.read_cifar(str(tmp_path / "empty"), "cifar100")
 
 
 def test_synthetic_data_is_deterministic_and_class_dependent():
-    a = [data.synthetic_example(i, 3, 16, 4) for i in range(64)]
-    b = [data.synthetic_example(i, 3, 16, 4) for i in range(64)]
+    a = [synthetic.synthetic_example(i, 3, 16, 4) for i in range(64)]
+    b = [synthetic.synthetic_example(i, 3, 16, 4) for i in range(64)]
     assert all(np.array_equal(x[0], y[0]) for x, y in zip(a, b))
     images = np.stack([x[0].numpy() for x in a]).astype(np.float32)
     labels = np.array([int(x[1]) for x in a])
     assert len(set(labels)) == 4 and images.dtype == np.float32
     # Nearest class mean on held-out examples beats chance by far: the data is learnable.
     means = np.stack([images[labels == c].mean(0) for c in range(4)])
-    test = [data.synthetic_example(i, 3, 16, 4) for i in range(1000, 1100)]
+    test = [synthetic.synthetic_example(i, 3, 16, 4) for i in range(1000, 1100)]
     hits = sum(int(np.argmin(((means - t[0].numpy()) ** 2).sum((1, 2, 3)))) == int(t[1]) for t in test)
     assert hits > 60
 
@@ -83,7 +85,7 @@ def test_mirrored_eval_covers_every_example_exactly_once(tmp_path):
     config = tiny_config(str(tmp_path), strategy="mirrored", cpu_replicas=2, synthetic_test_size=37,
                          global_batch_size=8)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    derived = derive(config, 2)
+    derived = derive(config, 2, *data.trained_sizes(config))
     eval_ds = data.eval_dataset(strategy, config, derived)
     seen = []
     for images, labels in eval_ds:
@@ -91,14 +93,14 @@ def test_mirrored_eval_covers_every_example_exactly_once(tmp_path):
             seen.extend(part.numpy().tolist())
         assert images.values[0].shape[1:] == (8, 8, 3)
     assert len(seen) == 37
-    expected = [int(data.synthetic_example(i + (1 << 30), config.seed, 8, 4)[1]) for i in range(37)]
+    expected = [int(synthetic.synthetic_example(i + (1 << 30), config.seed, 8, 4)[1]) for i in range(37)]
     assert sorted(seen) == sorted(expected)
 
 
 def test_train_batches_are_normalized_per_replica_batches(tmp_path):
     config = tiny_config(str(tmp_path), strategy="mirrored", cpu_replicas=2, global_batch_size=8)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    train_ds = data.train_dataset(strategy, config, derive(config, 2))
+    train_ds = data.train_dataset(strategy, config, derive(config, 2, *data.trained_sizes(config)))
     images, labels = next(iter(train_ds))
     parts = strategy.experimental_local_results(images)
     assert len(parts) == 2 and parts[0].shape == (4, 8, 8, 3) and parts[0].dtype == tf.float32
@@ -107,7 +109,7 @@ def test_train_batches_are_normalized_per_replica_batches(tmp_path):
 
 def test_batch_not_divisible_by_replicas_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="--global_batch_size=30 is not divisible by the 4"):
-        derive(tiny_config(str(tmp_path), global_batch_size=30), 4)
+        derive(tiny_config(str(tmp_path), global_batch_size=30), 4, 10000, 1000)
 
 
 def test_training_stream_resumes_at_any_step_identically(tmp_path):
@@ -115,7 +117,7 @@ def test_training_stream_resumes_at_any_step_identically(tmp_path):
     config = tiny_config(str(tmp_path), synthetic_train_size=50, global_batch_size=8,
                          strategy="mirrored", cpu_replicas=2)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    derived = derive(config, 2)
+    derived = derive(config, 2, *data.trained_sizes(config))
 
     def batches(start, count):
         iterator = iter(data.train_dataset(strategy, config, derived, None, start))
@@ -132,10 +134,11 @@ def test_training_stream_resumes_at_any_step_identically(tmp_path):
             np.testing.assert_array_equal(a, b)
 
 
-def _indexed_arrays(n: int, eval_n: int = 5) -> dict:
-    """Arrays whose label is the example's index, so a pipeline's labels are the indices it read."""
-    return {"train": (np.zeros((n, 8, 8, 3), np.uint8), np.arange(n, dtype=np.int32)),
-            "test": (np.zeros((eval_n, 8, 8, 3), np.uint8), np.arange(eval_n, dtype=np.int32))}
+def _indexed_arrays(n: int, eval_n: int = 5) -> Loaded:
+    """CIFAR data whose label is the example's index, so a pipeline's labels are the indices it read."""
+    return Loaded(n, eval_n, None, {
+        "train": (np.zeros((n, 8, 8, 3), np.uint8), np.arange(n, dtype=np.int32)),
+        "test": (np.zeros((eval_n, 8, 8, 3), np.uint8), np.arange(eval_n, dtype=np.int32))})
 
 
 def _labels(strategy, batch) -> list[int]:
@@ -209,7 +212,7 @@ def test_a_crafted_cifar_file_is_refused_without_running_its_payload(tmp_path, p
     for data_dir in (folder, archive):
         with pytest.raises(UsageError, match=r"data_batch_1 is not a CIFAR python-format file: it asks "
                                              r"to call (posix\.system|builtins\.exec).*refused"):
-            data.read_cifar(data_dir, "cifar10")
+            cifar.read_cifar(data_dir, "cifar10")
     assert not marker.exists()
     # With the plain pickle module the same file does run the payload (the test's premise).
     with open(os.path.join(folder, "data_batch_1"), "rb") as f:
@@ -236,7 +239,7 @@ def test_cifar_files_from_numpy_1_and_2_pickles_all_load(tmp_path):
         folder.mkdir(parents=True)
         (folder / "data_batch_1").write_bytes(payload)
         (folder / "test_batch").write_bytes(pickle_styles(test_blob)[style])
-        splits = data.read_cifar(str(folder), "cifar10")
+        splits = cifar.read_cifar(str(folder), "cifar10")
         np.testing.assert_array_equal(splits["train"][0], images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         np.testing.assert_array_equal(splits["train"][1], labels)
         np.testing.assert_array_equal(splits["test"][1], [1, 2, 3, 4, 5])

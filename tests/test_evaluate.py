@@ -73,7 +73,7 @@ def test_evaluate_agrees_with_the_training_loops_metrics(run):
     config = saved_run.load_run_config(model_dir)
     model, _ = saved_run.restore_model(config, saved_run.checkpoint_path(model_dir))
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-    derived = derive(config, 1)
+    derived = derive(config, 1, *data.trained_sizes(config))
     core = steps.evaluate(steps.make_eval_step(strategy, model, config),
                           data.eval_dataset(strategy, config, derived))
     logits, labels = evaluate.predict_split(config, model, io.StringIO())

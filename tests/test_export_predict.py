@@ -33,7 +33,7 @@ def exported(tmp_path_factory):
 def _checkpoint_probabilities(model_dir, images):
     config = saved_run.load_run_config(model_dir)
     model, _ = saved_run.restore_model(config, saved_run.checkpoint_path(model_dir))
-    normalized = data.normalize(images, *data.NORMALIZATION[config.dataset])  # the eval pipeline's
+    normalized = data.normalize(images, *data.normalization(config))  # the eval pipeline's
     return tf.nn.softmax(model(normalized, training=False)).numpy()
 
 

@@ -168,7 +168,7 @@ def test_rrc_training_crops_each_original_image_and_resumes_exactly(tmp_path):
     config = tiny_config(str(tmp_path / "run"), dataset="image_folder", data_dir=root, num_classes=3,
                          image_size=16, global_batch_size=4, augment="rrc", crop_scale=0.08,
                          crop_ratio="0.75,1.3333333", eval_crop_fraction=0.875)
-    arrays = data.load_arrays(config)
+    arrays = data.load(config)
     derived = derive(config, 1, *data.split_sizes(config, arrays))
     strategy = tf.distribute.get_strategy()
 
@@ -182,8 +182,8 @@ def test_rrc_training_crops_each_original_image_and_resumes_exactly(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
         np.testing.assert_array_equal(la.numpy(), lb.numpy())
     # Solid-colour images: any crop of the original keeps the class colour (flip changes nothing).
-    mean, std = np.array(data.NORMALIZATION["image_folder"][0]), np.array(data.NORMALIZATION["image_folder"][1])
-    names = arrays["class_names"]
+    mean, std = (np.array(v) for v in data.normalization(config))
+    names = list(arrays.class_names)
     for images, labels in full:
         pixels = images.numpy() * std + mean
         for image, label in zip(pixels, labels.numpy().argmax(-1)):  # one-hot targets

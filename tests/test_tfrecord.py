@@ -143,8 +143,8 @@ def test_training_pipeline_from_tfrecords_resumes_exactly_with_crops(tmp_path):
     config = tiny_config(str(tmp_path / "run"), dataset="tfrecord", data_dir=output, num_classes=3,
                          image_size=16, global_batch_size=4, augment="rrc", crop_scale=0.08,
                          crop_ratio="0.75,1.3333333", randaug_n=1, randaug_m=9, eval_crop_fraction=0.875)
-    arrays = data.load_arrays(config)
-    assert arrays["class_names"] == sorted(CLASSES)
+    arrays = data.load(config)
+    assert list(arrays.class_names) == sorted(CLASSES)
     derived = derive(config, 1, *data.split_sizes(config, arrays))
     assert (derived.train_size, derived.eval_size, derived.steps_per_epoch) == (15, 6, 3)
     strategy = tf.distribute.get_strategy()

@@ -109,7 +109,7 @@ def test_batchnorm_moving_statistics_are_averaged_across_replicas(tmp_path):
 
     config = tiny_config(str(tmp_path), strategy="mirrored", cpu_replicas=2)
     strategy = strategy_lib.create_strategy(config)
-    derived = derive(config, 2)
+    derived = derive(config, 2, *data.trained_sizes(config))
     with strategy.scope():
         model = create_model(config)
         optimizer = optimization.create_optimizer(config, derived.total_steps, "float32")
@@ -171,7 +171,7 @@ def _weights_after_steps(config, strategy, steps=3):
     from convmixer_dist.data import pipeline as data
     from convmixer_dist.config import derive
 
-    derived = derive(config, strategy.num_replicas_in_sync)
+    derived = derive(config, strategy.num_replicas_in_sync, *data.trained_sizes(config))
     with strategy.scope():
         keras.utils.set_random_seed(3)
         model = _no_bn_model(config)

@@ -62,7 +62,7 @@ def test_early_stopping_decision(val_loss, best, without_gain, patience, expecte
 
 def test_build_summary_reports_test_metrics_last_epoch_training_and_throughput(tmp_path):
     config = tiny_config(str(tmp_path))
-    derived = derive(config, 2)
+    derived = derive(config, 2, config.synthetic_train_size, config.synthetic_test_size)
     counters = report.Counters(images=640, seconds=2.0, rollbacks=1)
     summary = report.build_summary(
         config, derived, {"accuracy": 0.5, "loss": 1.25, "top5_accuracy": 0.9, "examples": 100},
@@ -82,7 +82,8 @@ def test_build_summary_reports_test_metrics_last_epoch_training_and_throughput(t
 def test_build_summary_without_timed_calls_or_a_trained_epoch(tmp_path):
     config = tiny_config(str(tmp_path))
     summary = report.build_summary(
-        config, derive(config, 1), {"accuracy": 1.0, "loss": 0.0, "top5_accuracy": 1.0, "examples": 4},
+        config, derive(config, 1, config.synthetic_train_size, config.synthetic_test_size),
+        {"accuracy": 1.0, "loss": 0.0, "top5_accuracy": 1.0, "examples": 4},
         np.zeros(3), 6, report.Counters(), 0.1, "float32", False, 1, "ckpt-6", 1.0, {}, {})
     assert summary["images_per_sec"] is None
     assert summary["train_loss"] is None and summary["train_accuracy"] is None

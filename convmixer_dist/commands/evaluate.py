@@ -62,9 +62,9 @@ def predict_split(config: Config, model, out: TextIO = sys.stdout) -> tuple[np.n
     from convmixer_dist.data import pipeline as data
     from convmixer_dist.config import derive
 
-    arrays = None if config.dataset == "synthetic" else data.load_arrays(config)
-    derived = derive(config, 1, *data.split_sizes(config, arrays))
-    dataset = data.make_dataset_fn(config, derived, "test", arrays)(tf.distribute.InputContext())
+    loaded = data.load(config)
+    derived = derive(config, 1, *data.split_sizes(config, loaded))
+    dataset = data.make_dataset_fn(config, derived, "test", loaded)(tf.distribute.InputContext())
     batches = math.ceil(derived.eval_size / derived.per_replica_batch_size)
     predict = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
     every = max(1, batches // 10)

@@ -80,14 +80,14 @@ def export_run(config: Config, output: str, checkpoint: str | None = None,
     """Restore the run's checkpoint and write the export described in the module docstring;
     returns the contents of export.json."""
     from convmixer_dist import rundir
-    from convmixer_dist.data import pipeline as data, image_folder
+    from convmixer_dist.data import image_folder, registry
 
     _check_output(output)
     path = saved_run.checkpoint_path(config.model_dir, checkpoint)
     model, step = saved_run.restore_model(config, path)
     names = saved_run.class_names(config, config.model_dir)
     mean, std = saved_run.normalization(config)
-    image_files = config.dataset in data.ENCODED_DATASETS  # evaluated through image_decode.center_crop
+    image_files = registry.describe(config).encoded  # evaluated through image_decode.center_crop
     classifier = build_serving_model(model, config.image_size, mean, std,
                                      eval_crop_fraction=config.eval_crop_fraction if image_files else None)
     os.makedirs(output, exist_ok=True)

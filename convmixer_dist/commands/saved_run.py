@@ -16,24 +16,9 @@ import os
 from typing import Mapping
 
 from convmixer_dist.config import Config, read_flagfile, settings, value_from_text
+from convmixer_dist.data import registry
 from convmixer_dist.errors import UsageError
 from convmixer_dist.rundir import FLAGS_FILE
-
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                   "truck")
-CIFAR100_CLASSES = (
-    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
-    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
-    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup",
-    "dinosaur", "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house",
-    "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man",
-    "maple_tree", "motorcycle", "mountain", "mouse", "mushroom", "oak_tree", "orange", "orchid",
-    "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain", "plate", "poppy", "porcupine",
-    "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew",
-    "skunk", "skyscraper", "snail", "snake", "spider", "squirrel", "streetcar", "sunflower",
-    "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor", "train", "trout",
-    "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm")
-
 
 def load_run_config(model_dir: str, overrides: Mapping[str, str] | None = None) -> Config:
     """The run's Config from MODEL_DIR/flags.txt (model_dir set to `model_dir`), with `overrides`
@@ -109,15 +94,11 @@ def class_names(config: Config, model_dir: str) -> list[str]:
             raise UsageError(f"{os.path.join(model_dir, image_folder.CLASS_NAMES_FILE)}: "
                              f"{len(saved)} names for {config.num_classes} classes")
         return saved
-    if config.dataset == "cifar10":
-        return list(CIFAR10_CLASSES)
-    if config.dataset == "cifar100":
-        return list(CIFAR100_CLASSES)
-    return [f"class_{i}" for i in range(config.num_classes)]
+    known = registry.describe(config).class_names
+    return list(known) if known else [f"class_{i}" for i in range(config.num_classes)]
 
 
 def normalization(config: Config) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The (mean, std) in 0..255 the run's input pipeline normalized with."""
-    from convmixer_dist.data import pipeline as data
-
-    return data.NORMALIZATION[config.dataset]
+    described = registry.describe(config)
+    return described.mean, described.std

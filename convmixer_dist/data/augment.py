@@ -75,15 +75,8 @@ import keras
 import tensorflow as tf
 
 from convmixer_dist.data import image_decode
+from convmixer_dist.data.sources.cifar import CIFAR10_MEAN, CIFAR10_STD
 from convmixer_dist.errors import UsageError
-
-# Dataset statistics in the 0..255 pixel scale (the reference uses these values / 255).
-CIFAR10_MEAN = (125.307, 122.961, 113.8575)    # (0.4914, 0.4822, 0.4465) * 255
-CIFAR10_STD = (63.0105, 62.0925, 66.7080)       # (0.2471, 0.2435, 0.2616) * 255
-CIFAR100_MEAN = (129.3105, 124.1085, 112.404)   # (0.5071, 0.4867, 0.4408) * 255, as pipeline.py
-CIFAR100_STD = (68.2125, 65.4075, 70.4055)      # (0.2675, 0.2565, 0.2761) * 255, as pipeline.py
-IMAGENET_MEAN = (123.675, 116.28, 103.53)       # (0.485, 0.456, 0.406) * 255
-IMAGENET_STD = (58.395, 57.12, 57.375)          # (0.229, 0.224, 0.225) * 255
 
 RANDAUG_MAX_MAGNITUDE = 30  # torchvision RandAugment: num_magnitude_bins=31 -> magnitudes 0..30
 MIX_SWITCH_PROB = 0.5       # timm Mixup(switch_prob=0.5): CutMix instead of MixUp in half the batches

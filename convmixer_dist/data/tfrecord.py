@@ -361,7 +361,7 @@ def train_records(files: Sequence[str], counts: Sequence[int], pipeline: int, pi
         window = min(shuffle_buffer, size)
         windows = tf.data.Dataset.zip((tf.data.Dataset.range(2 ** 62), ds.batch(window)))
         return windows.map(lambda w, batch: tf.gather(batch, tf.argsort(tf.random.stateless_uniform(
-            tf.shape(batch)[:1], seed=tf.stack([seed * 1_000_003 + e, w]))))).unbatch()
+            tf.shape(batch)[:1], seed=tf.random.experimental.stateless_fold_in(epoch_seed, w))))).unbatch()
 
     records = tf.data.Dataset.range(first_epoch, 2 ** 62).flat_map(epoch).skip(offset)
     return tf.data.Dataset.zip((tf.data.Dataset.range(start, 2 ** 62), records))

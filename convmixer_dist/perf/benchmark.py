@@ -318,14 +318,17 @@ def _input_rates(strategy, pipelines: list[tuple[str, object, object, object]], 
 
 def _input_runs(result: dict, strategy, config, derived, arrays, opts) -> None:
     """`input_pipeline` (the configured pipeline) and `input_compare` (--input_compare) into `result`."""
+    import dataclasses
+
     from convmixer_dist.data import pipeline as data
     from convmixer_dist.config import derive
 
     pipelines = [("base", config, derived, arrays)]
     for label, other in parse_input_compare(opts.input_compare, config):
-        other_arrays = arrays if other.dataset == config.dataset else data.load_arrays(other)
+        same_data = dataclasses.replace(other, decode_crop=config.decode_crop) == config
+        other_loaded = arrays if same_data else data.load(other)
         pipelines.append((label, other, derive(other, strategy.num_replicas_in_sync,
-                                               *data.trained_sizes(other, other_arrays)), other_arrays))
+                                               *data.trained_sizes(other, other_loaded)), other_loaded))
     rates = _input_rates(strategy, pipelines, opts)
     result["input_pipeline"] = rates.pop("base")
     if rates:
@@ -493,7 +496,7 @@ def _run_benchmark(config, variants: list[tuple[str, object]], opts) -> dict:
     kind = strategy_lib.device_kind(strategy)
     policy = resolve_precision(config.precision, kind)
     xla = use_xla(config, kind)
-    arrays = None if config.dataset == "synthetic" else data.load_arrays(config)
+    arrays = data.load(config)
     derived = derive(config, strategy.num_replicas_in_sync, *data.trained_sizes(config, arrays))
     data.augment_spec(config).validate()
 

@@ -28,7 +28,7 @@ def make_replica_steps(model, optimizer, config: Config, xla: bool) -> tuple[Cal
     accum = config.grad_accum_steps
     # --augment_on_device: the pipeline delivers raw batches; augment + normalize here, batched.
     augmenter = data.make_augmenter(config) if config.augment_on_device else None
-    mean, std = data.NORMALIZATION[config.dataset]
+    mean, std = data.normalization(config)
 
     def forward_backward(images, labels, poison):
         """Gradients (summing to the global-batch mean) and (loss_sum, correct, count) of one batch;

@@ -1,0 +1,1 @@
+"""One module per data source, each with the functions listed in `convmixer_dist/data/source.py`."""
