@@ -23,6 +23,7 @@ import time
 
 import tensorflow as tf
 
+from convmixer_dist import outputs
 from convmixer_dist.errors import DiskFull, UsageError, is_disk_full
 
 INDEX_FILE = "checkpoint"
@@ -71,8 +72,10 @@ def latest_checkpoint(directory: str) -> str | None:
 def _rebuild_index(directory: str) -> None:
     """Rewrite the `checkpoint` index from the ckpt-N files on disk (atomic, like TensorFlow's)."""
     prefixes = list(reversed(checkpoints_on_disk(directory)))
-    if prefixes:
-        tf.compat.v1.train.update_checkpoint_state(directory, prefixes[-1], all_model_checkpoint_paths=prefixes)
+    if prefixes:  # TensorFlow's text format, names relative to the directory (a moved run still works)
+        names = [os.path.basename(p) for p in prefixes]
+        outputs.write_text(os.path.join(directory, INDEX_FILE), "".join(
+            [f'model_checkpoint_path: "{names[-1]}"\n'] + [f'all_model_checkpoint_paths: "{n}"\n' for n in names]))
     elif os.path.exists(os.path.join(directory, INDEX_FILE)):
         os.remove(os.path.join(directory, INDEX_FILE))
 

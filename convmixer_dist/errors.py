@@ -19,6 +19,7 @@ import sys
 USAGE_EXIT_CODE = 2
 DISK_FULL_EXIT_CODE = 74  # EX_IOERR: nothing half-written is left; free space and rerun to resume.
 INTERRUPTED_EXIT_CODE = 130  # Ctrl-C (128 + SIGINT), as a shell reports it.
+BROKEN_PIPE_EXIT_CODE = 141  # The output's reader left (128 + SIGPIPE), as for `yes | head`.
 
 # What to do about each file-system error a user's environment causes (errno -> advice).
 _OS_ADVICE = {
@@ -54,6 +55,7 @@ _TF_ADVICE = {
     "PermissionDeniedError": "permission denied; fix its permissions or pick another path",
     "DataLossError": "the file is truncated or corrupted; restore or regenerate it",
 }
+_TF_UNICODE = "Error converting unicode string"  # TensorFlow's ValueError for a path that is not UTF-8
 _NO_SPACE = re.compile(r"no space left|disk quota exceeded", re.I)
 
 
@@ -120,6 +122,9 @@ def environment_error(exc: BaseException) -> str | None:
         return one_line(_os_message(exc))
     if isinstance(exc, (UnicodeDecodeError, UnicodeEncodeError)):
         return one_line(_unicode_message(exc))
+    if isinstance(exc, ValueError) and str(exc).startswith(_TF_UNICODE):  # a name TensorFlow cannot take
+        return one_line("a file or directory name is not valid UTF-8, which TensorFlow cannot open; "
+                        "rename it (or the folder holding it) to a UTF-8 name")
     kind = _tf_error_kind(exc)
     if kind == "ResourceExhaustedError" and is_disk_full(exc):
         return one_line(f"{_tf_message(exc)}: free space there (or write elsewhere) and rerun")
@@ -137,6 +142,17 @@ def report_environment_error(exc: BaseException, message: str) -> None:
     """Print `error: <message>` in one line and exit with the code of its kind."""
     print(f"error: {one_line(message, 1000)}", file=sys.stderr, flush=True)
     sys.exit(exit_code_for(exc))
+
+
+def exit_on_broken_pipe() -> None:
+    """The reader of stdout went away (`| head`): exit 141 (128 + SIGPIPE, what a shell reports for
+    a tool killed by SIGPIPE) without a message or the interpreter's flush error at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    sys.exit(BROKEN_PIPE_EXIT_CODE)
 
 
 def report_interrupt() -> None:
@@ -189,6 +205,18 @@ def _read_flagfile(target: str, path: str) -> list[str]:
         line = raw[:err.start].count(b"\n") + 1
         raise UsageError(f"{flag} line {line}: not UTF-8 text (byte {raw[err.start]:#04x}); save the "
                          "file as UTF-8") from None
+
+
+def check_arguments_are_utf8(args: list[str]) -> None:
+    """UsageError for a command-line argument that is not valid UTF-8 (Python hands such bytes over
+    surrogate-escaped; TensorFlow cannot open a path spelled so, deep inside a run)."""
+    for arg in args:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            bad = os.fsencode(arg).decode("utf-8", "backslashreplace")  # the odd bytes as \xNN
+            raise UsageError(f"argument {bad[:200]} is not valid UTF-8 (a name in another encoding?); "
+                             "TensorFlow cannot open such paths: rename it to a UTF-8 name") from None
 
 
 def check_flagfiles(args: list[str], stack: tuple[str, ...] = ()) -> None:

@@ -183,6 +183,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     code 1 (or a warning and silently different flags); --model_dir then as `run_directory` says."""
     def parse() -> list[str]:
         try:
+            errors.check_arguments_are_utf8(argv[1:])
             check_flagfiles(argv[1:])
             rest = FLAGS(argv)
             place_run(argv[1:])
@@ -209,7 +210,8 @@ def guarded(main: Callable[..., Any], *args: Any, model_dir: Callable[[], Option
     """Call `main(*args)` inside the one error boundary of every command: a UsageError, an error of
     the input or environment (`errors.environment_error`: file-system errors, text encodings,
     TensorFlow's missing/damaged-file errors) becomes one `error:` line and exit 2 (a full disk:
-    exit 74, naming `model_dir()`'s last complete checkpoint), Ctrl-C one line and exit 130.
+    exit 74, naming `model_dir()`'s last complete checkpoint), Ctrl-C one line and exit 130, a
+    closed output pipe (`| head`) exit 141 without a word.
     Everything else is a bug and propagates with its traceback."""
     try:
         return main(*args)
@@ -217,6 +219,8 @@ def guarded(main: Callable[..., Any], *args: Any, model_dir: Callable[[], Option
         report_and_exit(err)
     except KeyboardInterrupt:
         errors.report_interrupt()
+    except BrokenPipeError:  # `command | head`: the reader left; stop quietly as the shell's tools do
+        errors.exit_on_broken_pipe()
     except Exception as exc:  # Only the kinds environment_error maps; a bug keeps its traceback.
         message = errors.environment_error(exc)
         if message is None:

@@ -48,6 +48,7 @@ def _exception(kind: str) -> BaseException:
         "tf_not_found": tf.errors.NotFoundError(None, None, "/data/x.jpg; No such file or directory"),
         "disk_full": errors.DiskFull("no space left saving ckpt-4; the last complete is ckpt-2"),
         "interrupt": KeyboardInterrupt(),
+        "broken_pipe": BrokenPipeError(32, "Broken pipe"),
         "assertion": AssertionError("invariant broken"),
         "plain_oserror": OSError("no errno: a bug's message"),
     }[kind]

@@ -82,7 +82,9 @@ def test_every_kind_through_a_real_command_line(tmp_path):
     model_dir = _run_with_checkpoints(tmp_path)  # a full disk under a run names its last checkpoint
     cases = [{"module": PROBE, "argv": [f"--raise={kind}"]} for kind in names]
     cases.append({"module": PROBE, "argv": ["--raise=errno_ENOSPC", f"--model_dir={model_dir}"]})
-    *results, under_run = run_batch(cases)
+    cases.append({"module": PROBE, "argv": ["--raise=broken_pipe"]})  # `command | head`
+    *results, under_run, piped = run_batch(cases)
+    assert piped["code"] == 141 and piped["stderr"] == "", piped  # quiet, as the shell's tools
     for kind, result in zip(names, results):
         if kind in kinds:
             code, text = kinds[kind]
@@ -111,6 +113,13 @@ def test_flagfiles_that_are_not_utf8_text_or_not_files_are_one_line(tmp_path):
         with pytest.raises(UsageError, match=r"--flagfile=.*") as caught:
             errors.check_flagfiles([f"--flagfile={path}"])
         assert expected in str(caught.value), caught.value
+
+
+def test_an_argument_that_is_not_utf8_is_refused_naming_its_bytes():
+    name = os.fsdecode(b"/runs/caf\xe9")  # a Latin-1 directory name, as Python hands it over
+    with pytest.raises(UsageError, match=r"argument --model_dir=/runs/caf\\xe9 is not valid UTF-8"):
+        errors.check_arguments_are_utf8(["--train_steps=2", f"--model_dir={name}"])
+    errors.check_arguments_are_utf8(["--model_dir=/runs/café"])  # UTF-8 is fine
 
 
 def test_a_model_dir_longer_than_path_max_creates_nothing(tmp_path):
