@@ -28,10 +28,12 @@ CLUSTERS = ("auto", "tf_config", "slurm")
 XLA_MODES = ("auto", "on", "off")
 KERNELS = ("auto", "fused", "keras")
 NAN_POLICIES = ("stop", "rollback")
-# Flags a resumed run must share with the run that wrote the checkpoint (the checkpoint's shape and
-# meaning depend on them). Others (epochs, strategy, batch size, ...) may change between restarts.
+# The run's identity: flags a resumed run must share with the run that wrote the checkpoint (the
+# model's shape, the dataset, and what defines the data split and stream; resume_check.py). Others
+# (epochs, strategy, ...) may change between restarts.
 IDENTITY_FIELDS = ("model", "hidden_dim", "depth", "kernel_size", "patch_size", "activation",
-                   "dataset", "num_classes", "image_size", "precision")
+                   "dataset", "num_classes", "image_size", "precision",
+                   "validation_fraction", "seed", "global_batch_size")
 
 
 MODELS = tuple(sorted(PRESETS))

@@ -144,8 +144,7 @@ def evaluate_run(config: Config, checkpoint: str | None = None, out: TextIO = sy
     report_path = os.path.join(config.model_dir, REPORT_FILE)
     for output in (report_path, os.path.join(config.model_dir, CONFUSION_FILE)):
         rundir.ensure_writable_file(output, f"--model_dir={config.model_dir}")  # before the work
-    path = saved_run.checkpoint_path(config.model_dir, checkpoint)
-    model, step = saved_run.restore_model(config, path)
+    model, step, path = saved_run.restore_checkpoint(config, checkpoint)  # Falls back as training does.
     names = saved_run.class_names(config, config.model_dir)
     print(f"checkpoint {path} (step {step})", file=out, flush=True)
     logits, labels = predict_split(config, model, out)

@@ -3,7 +3,7 @@
     python -m convmixer_dist.commands.export --model_dir=runs/cifar10 --output=exports/cifar10 [--checkpoint=PREFIX]
         [training flags overriding the run's, e.g. --eval_crop_fraction=0.96, as for evaluate]
 
-OUTPUT/
+OUTPUT/ (a new directory: an export never replaces one; written beside it and renamed when complete)
   saved_model/       TensorFlow SavedModel, signature `serving_default` (endpoint `serve`):
                      uint8 [N, H, W, 3] (any N, H, W) -> float32 [N, num_classes] probabilities
   model.keras        the same Keras model (keras.models.load_model)
@@ -25,6 +25,7 @@ scale), and the ConvMixer's logits go through a float32 softmax. Reloading model
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import types
@@ -69,10 +70,26 @@ def build_serving_model(model, image_size: int, mean, std, name: str = "convmixe
 
 
 def _check_output(output: str) -> None:
-    if os.path.isfile(output):
+    """An export never replaces anything: OUTPUT must not exist yet (or be an empty directory)."""
+    if os.path.isfile(output) or os.path.islink(output):
         raise UsageError(f"--output={output} is a file; expected a directory for the export")
-    if os.path.isdir(output) and os.listdir(output) and not os.path.isfile(os.path.join(output, INFO_FILE)):
-        raise UsageError(f"--output={output} exists and is not an earlier export; pick a new directory")
+    if os.path.isdir(output) and os.listdir(output):
+        what = ("holds an earlier export" if os.path.isfile(os.path.join(output, INFO_FILE))
+                else "is not an earlier export")
+        raise UsageError(f"--output={output} exists and {what}; an export never replaces a directory: "
+                         "pick a new one or remove it first")
+
+
+def _info(config: Config, path: str, step: int, mean, std, image_files: bool) -> dict:
+    """export.json: what the export is and what it expects."""
+    return {"checkpoint": path, "step": step, "model": config.model, "dataset": config.dataset,
+            "num_classes": config.num_classes, "image_size": config.image_size,
+            "mean": list(mean), "std": list(std),
+            "input": "uint8 [N, H, W, 3], any N/H/W " + (
+                f"(shorter side resized to image_size / {config.eval_crop_fraction:g} bicubic, central "
+                "image_size crop: the evaluation transform)" if image_files
+                else "(centre-cropped to square, resized to image_size, bilinear)"),
+            "output": "float32 [N, num_classes] class probabilities"}
 
 
 def export_run(config: Config, output: str, checkpoint: str | None = None,
@@ -83,26 +100,26 @@ def export_run(config: Config, output: str, checkpoint: str | None = None,
     from convmixer_dist.data import image_folder, registry
 
     _check_output(output)
-    path = saved_run.checkpoint_path(config.model_dir, checkpoint)
-    model, step = saved_run.restore_model(config, path)
+    model, step, path = saved_run.restore_checkpoint(config, checkpoint)  # Falls back as training does.
     names = saved_run.class_names(config, config.model_dir)
     mean, std = saved_run.normalization(config)
     image_files = registry.describe(config).encoded  # evaluated through image_decode.center_crop
     classifier = build_serving_model(model, config.image_size, mean, std,
                                      eval_crop_fraction=config.eval_crop_fraction if image_files else None)
-    os.makedirs(output, exist_ok=True)
-    classifier.save(os.path.join(output, KERAS_FILE))
-    classifier.export(os.path.join(output, SAVED_MODEL_DIR), format="tf_saved_model", verbose=False)
-    image_folder.save_class_names(output, names)
-    info = {"checkpoint": path, "step": step, "model": config.model, "dataset": config.dataset,
-            "num_classes": config.num_classes, "image_size": config.image_size,
-            "mean": list(mean), "std": list(std),
-            "input": "uint8 [N, H, W, 3], any N/H/W " + (
-                f"(shorter side resized to image_size / {config.eval_crop_fraction:g} bicubic, central "
-                "image_size crop: the evaluation transform)" if image_files
-                else "(centre-cropped to square, resized to image_size, bilinear)"),
-            "output": "float32 [N, num_classes] class probabilities"}
-    rundir.write_json(os.path.join(output, INFO_FILE), info)
+    info = _info(config, path, step, mean, std, image_files)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    try:  # Written beside OUTPUT and renamed into place when complete: never half an export.
+        with rundir.atomic_output(output) as tmp:
+            os.makedirs(tmp)
+            classifier.save(os.path.join(tmp, KERAS_FILE))
+            classifier.export(os.path.join(tmp, SAVED_MODEL_DIR), format="tf_saved_model", verbose=False)
+            image_folder.save_class_names(tmp, names)
+            rundir.write_json(os.path.join(tmp, INFO_FILE), info)
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        raise UsageError(f"--output={output} was created by someone else meanwhile; an export never "
+                         "replaces one") from None
     print(f"exported {path} (step {step}) to {output}: {SAVED_MODEL_DIR}/, {KERAS_FILE}, "
           f"{image_folder.CLASS_NAMES_FILE}, {INFO_FILE}", file=out, flush=True)
     return info

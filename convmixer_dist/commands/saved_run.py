@@ -84,6 +84,39 @@ def restore_model(config: Config, path: str):
     return model, int(step.numpy())
 
 
+def restore_checkpoint(config: Config, checkpoint: str | None = None, rounds: int = 3):
+    """(model, step, path): checkpoint `checkpoint` if given, else the newest usable one of the run.
+    Like training, a checkpoint that cannot be restored (a data file missing) falls back to the
+    previous one with a warning line; when every listed one failed because a running training
+    rotated them away meanwhile, the checkpoints are listed again (up to `rounds` times)."""
+    import sys
+
+    from convmixer_dist import resume_check
+
+    if checkpoint:
+        path = checkpoint_path(config.model_dir, checkpoint)
+        return (*restore_model(config, path), path)
+    failed: list[tuple[str, UsageError]] = []
+    for _ in range(rounds):
+        candidates = resume_check.local_checkpoints(config.model_dir)
+        for path in candidates:
+            try:
+                model, step = restore_model(config, path)
+            except UsageError as err:
+                failed.append((path, err))
+                continue
+            if failed:
+                skipped = ", ".join(sorted({os.path.basename(p) for p, _ in failed}))
+                print(f"warning: checkpoint(s) {skipped} could not be restored (rotated away or "
+                      f"damaged); using {os.path.basename(path)}", file=sys.stderr, flush=True)
+            return model, step, path
+        if resume_check.local_checkpoints(config.model_dir) == candidates:
+            break  # Nothing rotated meanwhile: listing again would fail the same way.
+    if not failed:
+        checkpoint_path(config.model_dir)  # Raises: no checkpoint at all.
+    raise failed[0][1]
+
+
 def class_names(config: Config, model_dir: str) -> list[str]:
     """MODEL_DIR/class_names.json if present (image folders), else the dataset's known names."""
     from convmixer_dist.data import image_folder

@@ -21,7 +21,7 @@ from convmixer_dist.config import Config, Derived
 from convmixer_dist.preemption import StopSignal, Stopped
 from convmixer_dist.training.inputs import prepare_inputs
 from convmixer_dist.training.report import Counters, build_summary
-from convmixer_dist.training.setup import Run, process_settings, profile_steps, set_up
+from convmixer_dist.training.setup import Run, process_settings, profile_steps, set_up, stopped_early
 from convmixer_dist.training.state import TrainingDiverged, TrainState, weights_fingerprint
 from convmixer_dist.training.steps import evaluate
 
@@ -144,11 +144,12 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
         with StopSignal(strategy) as stop, inputs.reporting_errors():  # A stop signal now saves first.
             run, state = set_up(config, strategy, policy, inputs, profile, stop)
             counters = Counters(nan_at_step=config.fault_inject_nan_at_step)
+            has_validation = inputs.val_dataset is not None
             for _attempt in itertools.count():  # An attempt ends at a non-finite loss (NaN rollback).
                 try:
                     metrics, step = {}, int(state.step.numpy())
                     batches, window, timed = inputs.train_batches(step), np.zeros(3), False
-                    while step < periods.total:
+                    while step < periods.total and not stopped_early(config, state, has_validation):
                         epoch, n = step // periods.epoch, periods.steps_in_next_call(step)
                         if step % periods.epoch == 0:
                             state.epoch_totals.assign(tf.zeros(3, tf.float64))

@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 import keras
 import tensorflow as tf
 
-from convmixer_dist import rundir
+from convmixer_dist import resume_check, rundir
 from convmixer_dist.data import image_folder
 from convmixer_dist.config import Config, Derived
 from convmixer_dist.model import count_params
@@ -60,6 +60,13 @@ def process_settings(config: Config, strategy) -> Iterator[str]:
             _disable_op_determinism()
 
 
+def stopped_early(config: Config, state: TrainState, validation: bool) -> bool:
+    """Whether the train state records an early stop (--early_stopping_patience epochs without a
+    lower validation loss): such a run is finished, like one that reached its last step."""
+    patience = config.early_stopping_patience
+    return validation and bool(patience) and int(state.epochs_without_gain.numpy()) >= patience
+
+
 def profile_steps(config: Config, strategy, derived: Derived) -> tuple[int, int] | None:
     """The --profile_steps window as the loop sees it (the chief's only), checked against the run's
     length before anything is written (a warning line when it ends after the last step)."""
@@ -92,18 +99,25 @@ def set_up(config: Config, strategy, policy: str, inputs: Inputs, profile_window
     """Run directory, train state (resumed, or saved at step 0), step functions (the train loop
     checks `stop.in_graph` before every step), report, profiler."""
     chief, derived = is_chief(strategy), inputs.derived
+    state = create_train_state(strategy, config, derived, device_kind(strategy), policy)
+    changes = resume_check.check_resume(config, state.checkpoint)  # Before anything is written.
     moved = rundir.prepare_model_dir(config, chief)
     report = Report(config, derived, chief, validation=inputs.val_dataset is not None)
     if moved:
         report.say(f"--overwrite: moved the previous run to {moved}")
+    for line in changes:
+        report.say(line)
     if chief and inputs.class_names():
         image_folder.save_class_names(config.model_dir, inputs.class_names())
 
-    state = create_train_state(strategy, config, derived, device_kind(strategy), policy)
     checkpoints = Checkpoints(strategy, config, chief, state)
     restored = checkpoints.latest.restore_latest()
     if restored:
         report.say(f"Resumed from {restored} at step {int(state.step.numpy())}/{derived.total_steps}")
+        if stopped_early(config, state, inputs.val_dataset is not None):
+            report.say(f"the run stopped early ({int(state.epochs_without_gain.numpy())} epochs without a "
+                       "lower validation loss): it is finished, nothing more is trained (a larger "
+                       "--early_stopping_patience continues it)")
     else:
         checkpoints.latest.save(0)
 
