@@ -123,7 +123,7 @@ def check_checkpoint_layout(config: Config, checkpoint: tf.train.Checkpoint) -> 
         names = [f.name for f in settings() if f.name not in ("model_dir", "overwrite")]
         changed = changed_flags(config, previous, names)
         cause = (f"flags changed since the run was written: {', '.join(changed)}" if changed
-                 else "no flag in flags.txt differs")
+                 else "flags.txt names no changed flag")
         raise UsageError(f"--model_dir={config.model_dir}: {os.path.basename(prefix)} was saved by another "
                          f"model layout ({cause}; {difference}); resume with the run's flags, or start a "
                          "new run in another --model_dir")

@@ -259,9 +259,9 @@ def test_a_refused_conversion_is_one_line_on_the_command_line(tmp_path, monkeypa
 MUTATIONS = ("none", "class added", "image added", "label_offset", "shards", "seed", "overwrite")
 
 
-@settings(max_examples=8, derandomize=True, deadline=None,
+@settings(max_examples=12, derandomize=True, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(events=st.integers(0, 40), mutation=st.sampled_from(MUTATIONS), second_kill=st.integers(0, 40))
+@given(events=st.integers(0, 30), mutation=st.sampled_from(MUTATIONS), second_kill=st.integers(0, 30))
 def test_property_random_interruptions_end_in_one_plan_or_a_refusal(monkeypatch, events, mutation, second_kill):
     """Kill the conversion at a random step (twice: once more during a rerun), change the tree or
     the flags, rerun: the shards then agree with a fresh conversion under one plan, or the rerun
