@@ -26,6 +26,7 @@ AUGMENTS = ("none", "basic", "rrc")
 ALL_REDUCES = ("auto", "nccl", "hierarchical_copy", "ring")
 CLUSTERS = ("auto", "tf_config", "slurm")
 XLA_MODES = ("auto", "on", "off")
+ALLREDUCE_DTYPES = ("float32", "bfloat16", "float16")
 KERNELS = ("auto", "fused", "keras")
 NAN_POLICIES = ("stop", "rollback")
 # The run's identity: flags a resumed run must share with the run that wrote the checkpoint (the
@@ -271,6 +272,14 @@ class Config:
     label_smoothing: float = setting(0.0, "Label smoothing of the cross-entropy.", bounds=(0, 1, "[)"))
     clip_norm: float = setting(0.0, "Clip gradients by global norm (over all replicas); 0 = off.",
                                bounds=(0, 1e6, "[]"))
+    allreduce_bucket_mb: float = setting(
+        25.0, "Gradient all-reduce bucket size in MiB (as PyTorch DDP's bucket_cap_mb): buckets are "
+        "reduced from the last layer to the first, so the late layers' reduction overlaps the rest of "
+        "the backward pass; 0 = the whole gradient as one bucket.", bounds=(0, 1e5, "[]"))
+    allreduce_dtype: str = setting(
+        "float32", "Dtype of the gradient all-reduce (cast, summed, cast back): bfloat16 or float16 "
+        "halve the bytes sent; float16 suits loss-scaled (mixed_float16) gradients, whose overflow "
+        "the loss scale catches.", choices=ALLREDUCE_DTYPES)
     precision: str = setting("auto", "auto = mixed_bfloat16 on GPUs with compute capability >= 8.0, "
                              "mixed_float16 on 7.x, float32 on CPU.", choices=PRECISIONS)
     xla: str = setting("auto", "XLA-compile the per-replica forward/backward; auto = on for GPUs, off on "

@@ -1,19 +1,28 @@
-"""Optimizer creation and the cross-replica gradient fixes Keras 3 needs under tf.distribute.
+"""Optimizer creation and the gradient path under tf.distribute: one cross-replica reduction of the
+gradient per optimizer step, in buckets, then clipping, then the update.
 
-Keras 3 optimizers all-reduce (sum) gradients inside `apply_gradients`, but after their own clipping
-and, for LossScaleOptimizer, after judging "finite" from the *local* gradients. Two consequences this
-module handles:
-- global-norm clipping must see the summed gradient, not one replica's share: we all-reduce, clip,
-  and hand each replica `sum / replicas` (the optimizer's own sum restores the clipped total);
-- with float16 loss scaling, one replica's Inf must make every replica skip the step, or the others
-  apply it and poison the mirrored weights (a Keras 3 bug, docs/keras-under-tf-distribute.md):
-  replicas agree on non-finite first.
+Keras 3 optimizers all-reduce (sum) the gradients inside `apply_gradients`, one variable after the
+other in variable order, after their own clipping and, for LossScaleOptimizer, after judging "finite"
+from the *local* gradients. Used as it is, that costs a second full all-reduce whenever global-norm
+clipping needs the summed gradient first, and it starts with the first layer, whose gradient the
+backward pass produces last. So the training step reduces the gradient itself and turns Keras' own
+reduction off (`skip_gradient_aggregation`):
+- buckets of about `--allreduce_bucket_mb` are formed from the last layer to the first (the order
+  the backward pass produces them), each one concatenated and all-reduced as one collective, so the
+  reduction of the late layers can run while the early layers' gradients are still being computed;
+- `--allreduce_dtype` casts each bucket for the reduction (bfloat16/float16 halve the bytes sent) and
+  back to the gradient's dtype;
+- global-norm clipping then sees the summed gradient, on every replica the same;
+- with float16 loss scaling every replica holds the same summed gradient, so one replica's Inf or
+  NaN is every replica's (an Inf plus anything finite stays Inf, NaN stays NaN) and all of them skip
+  the step together: no separate agreement is needed.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from convmixer_dist.config import Config
@@ -63,27 +72,95 @@ def current_learning_rate(optimizer: keras.optimizers.Optimizer):
     return inner.learning_rate
 
 
-def prepare_gradients(grads: list, clip_norm: float, scale) -> list:
-    """Per-replica gradients -> what to pass to `apply_gradients` (called inside `strategy.run`).
+def skip_gradient_aggregation(optimizer: keras.optimizers.Optimizer) -> None:
+    """Turn off the cross-replica sum Keras 3 performs inside `apply_gradients` (this optimizer
+    instance only, and the one a LossScaleOptimizer wraps): the training step hands it gradients
+    that are already summed over all replicas.
 
-    `scale` is the loss scale the gradients carry (None without loss scaling).
+    Keras 3 has no public switch for this; the sum is the TensorFlow backend's
+    `_all_reduce_sum_gradients` method, replaced here on the instance. If a Keras release renames
+    it, this raises instead of silently summing twice (the tests pin the count of reductions).
     """
+    for opt in (optimizer, getattr(optimizer, "inner_optimizer", None)):
+        if opt is None:
+            continue
+        if not callable(getattr(opt, "_all_reduce_sum_gradients", None)):
+            raise RuntimeError(f"{type(opt).__name__} has no _all_reduce_sum_gradients: this Keras "
+                               f"version ({keras.__version__}) reduces gradients differently; "
+                               "convmixer_dist.optimization must be adapted to it")
+        opt._all_reduce_sum_gradients = list  # noqa: SLF001 - see the docstring
+
+
+def gradient_buckets(sizes: Sequence[int], bucket_bytes: int) -> list[list[int]]:
+    """Positions of the gradients in each bucket, in the order they are reduced: from the last
+    variable to the first (the backward pass produces the last layer's gradient first). A bucket
+    is closed when the next gradient would take it past `bucket_bytes` (a gradient larger than
+    that is a bucket of its own); `bucket_bytes <= 0` is one bucket for everything."""
+    buckets: list[list[int]] = []
+    filled = 0
+    for position in reversed(range(len(sizes))):
+        if not buckets or (bucket_bytes > 0 and filled + sizes[position] > bucket_bytes):
+            buckets.append([])
+            filled = 0
+        buckets[-1].append(position)
+        filled += sizes[position]
+    return buckets
+
+
+GRADIENT_SCOPE = "gradient_allreduce"  # names the gradient's collectives in graphs and profiles
+
+
+def reduce_gradients(grads: list, bucket_bytes: int, dtype: str = "float32") -> list:
+    """The gradients summed over all replicas (inside `strategy.run`): one all-reduce per bucket
+    (see `gradient_buckets`; sizes counted in `dtype`, the bytes sent), each bucket flattened,
+    cast to `dtype`, reduced and cast back to the gradients' dtype. None entries stay None."""
     ctx = tf.distribute.get_replica_context()
-    replicas = ctx.num_replicas_in_sync
-    if clip_norm > 0:
-        summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-        if scale is not None:
-            summed = [g / tf.cast(scale, g.dtype) for g in summed]
-        # A non-finite norm yields NaN gradients: still non-finite, so the loss-scale skip still fires.
-        clipped, _ = tf.clip_by_global_norm(summed, clip_norm)
-        if scale is not None:
-            clipped = [g * tf.cast(scale, g.dtype) for g in clipped]
-        # Every replica now holds the same clipped sum; the optimizer sums replicas again.
-        return [g / replicas for g in clipped]
-    if scale is not None and replicas > 1:
-        local_bad = tf.cast(tf.logical_not(tf.reduce_all(
-            [tf.reduce_all(tf.math.is_finite(g)) for g in grads])), tf.float32)
-        any_bad = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_bad) > 0
-        poison = tf.where(any_bad, float("nan"), 1.0)
-        return [g * tf.cast(poison, g.dtype) for g in grads]
-    return grads
+    wire = tf.as_dtype(dtype)
+    present = [i for i, g in enumerate(grads) if g is not None]
+    tensors = {i: tf.convert_to_tensor(grads[i]) for i in present}
+    elements = [int(np.prod(tensors[i].shape)) for i in present]
+    reduced = list(grads)
+    for bucket in gradient_buckets([n * wire.size for n in elements], bucket_bytes):
+        members = [present[b] for b in bucket]
+        flat = tf.concat([tf.reshape(tf.cast(tensors[i], wire), [-1]) for i in members], axis=0)
+        with tf.name_scope(GRADIENT_SCOPE):
+            summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, flat)
+        parts = tf.split(summed, [elements[b] for b in bucket], axis=0)
+        for i, part in zip(members, parts):
+            reduced[i] = tf.cast(tf.reshape(part, tensors[i].shape), tensors[i].dtype)
+    return reduced
+
+
+def prepare_gradients(grads: list, clip_norm: float, scale, bucket_bytes: int = 0,
+                      dtype: str = "float32") -> list:
+    """Per-replica gradients -> the summed (and, with `clip_norm > 0`, clipped) gradient that every
+    replica passes to an optimizer whose own reduction is off (`skip_gradient_aggregation`).
+    Called inside `strategy.run`; `scale` is the loss scale the gradients carry (None without loss
+    scaling). One reduction in all: clipping works on the summed gradient."""
+    ctx = tf.distribute.get_replica_context()
+    if ctx is not None and ctx.num_replicas_in_sync > 1:
+        grads = reduce_gradients(grads, bucket_bytes, dtype)
+    if clip_norm <= 0:
+        return grads
+    if scale is not None:
+        grads = [g / tf.cast(scale, g.dtype) for g in grads]
+    # A non-finite norm yields NaN gradients: still non-finite, so the loss-scale skip still fires.
+    clipped, _ = tf.clip_by_global_norm(grads, clip_norm)
+    if scale is not None:
+        clipped = [g * tf.cast(scale, g.dtype) for g in clipped]
+    return clipped
+
+
+def make_apply_gradients(optimizer: keras.optimizers.Optimizer, variables: Sequence, clip_norm: float,
+                         bucket_mb: float, dtype: str) -> Callable[[list], None]:
+    """The update of one optimizer step, for inside `strategy.run`: `apply(per_replica_grads)`
+    reduces once (buckets of `bucket_mb` MB in `dtype`), clips, and applies with the optimizer's
+    own reduction switched off."""
+    skip_gradient_aggregation(optimizer)
+    bucket_bytes = int(bucket_mb * 2 ** 20)
+
+    def apply(grads: list) -> None:
+        grads = prepare_gradients(grads, clip_norm, loss_scale(optimizer), bucket_bytes, dtype)
+        optimizer.apply_gradients(zip(grads, variables))
+
+    return apply

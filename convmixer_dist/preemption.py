@@ -126,9 +126,9 @@ class Stopped(RuntimeError):
 
 
 class StopSignal:
-    """A run's stop requests, one object for both places that check them: `in_graph()` inside the
-    training loop's tf.function (before every step) and `requested()` on the host (after each call).
-    Both are cross-worker decisions, so every worker stops at the same step.
+    """A run's stop requests, one object for both places that check them: `local_flag()` inside the
+    training loop's tf.function (summed with every step's bookkeeping) and `requested()` on the host
+    (after each call). Both are cross-worker decisions, so every worker stops at the same step.
 
     Create it after the strategy (MultiWorkerMirroredStrategy must exist before any op) and enter it
     once the run may write: a stop request that arrived before raises `Stopped` (nothing written).
@@ -178,11 +178,13 @@ class StopSignal:
         per_replica = self.strategy.run(lambda: tf.identity(value))
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
-    def in_graph(self):
-        """For the inside of the training loop's tf.function: True once any worker's flag is set."""
-        if not self._multi_worker:
-            return self.flag.read_value() > 0
-        return self._sum_over_workers(self.flag.read_value()) > 0
+    def local_flag(self):
+        """For the inside of the training loop's tf.function: this worker's stop request as 0.0 or
+        1.0. The loop sums it over all replicas together with the step's bookkeeping (one
+        collective per step), so every worker decides on the same sum and stops after the same step."""
+        import tensorflow as tf
+
+        return tf.cast(self.flag.read_value() > 0, tf.float32)
 
     def requested(self) -> bool:
         """On the host: True on every worker once any worker has received a stop signal."""

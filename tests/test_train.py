@@ -69,19 +69,19 @@ def test_float16_with_loss_scaling_runs_on_two_replicas(tmp_path):
 
 
 def _apply_with_grads(clip_norm, replica_grads, loss_scaled):
-    """Apply per-replica gradients through prepare_gradients; return the variable afterwards."""
+    """Apply per-replica gradients through the training step's update; return the variable afterwards."""
     strategy = strategy_lib.create_strategy(tiny_config("unused", strategy="mirrored", cpu_replicas=2))
     with strategy.scope():
         var = keras.Variable(np.zeros(2, np.float32))
         inner = keras.optimizers.SGD(learning_rate=1.0)
         opt = keras.optimizers.LossScaleOptimizer(inner, initial_scale=1.0) if loss_scaled else inner
         opt.build([var])
+    apply = optimization.make_apply_gradients(opt, [var], clip_norm, bucket_mb=0, dtype="float32")
 
     def replica_fn():
         rid = tf.distribute.get_replica_context().replica_id_in_sync_group
         grad = tf.gather(tf.constant(replica_grads, tf.float32), rid)
-        grads = optimization.prepare_gradients([grad], clip_norm, optimization.loss_scale(opt))
-        opt.apply_gradients(zip(grads, [var]))
+        apply([grad])
 
     tf.function(lambda: strategy.run(replica_fn))()
     return [v.numpy() for v in strategy.experimental_local_results(var.value)]

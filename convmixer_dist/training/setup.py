@@ -97,7 +97,7 @@ class Run:
 def set_up(config: Config, strategy, policy: str, inputs: Inputs, profile_window: tuple[int, int] | None,
            stop) -> tuple[Run, TrainState]:
     """Run directory, train state (resumed, or saved at step 0), step functions (the train loop
-    checks `stop.in_graph` before every step), report, profiler."""
+    sums `stop.local_flag` with every step's bookkeeping), report, profiler."""
     chief, derived = is_chief(strategy), inputs.derived
     state = create_train_state(strategy, config, derived, device_kind(strategy), policy)
     changes = resume_check.check_resume(config, state.checkpoint)  # Before anything is written.
@@ -124,7 +124,7 @@ def set_up(config: Config, strategy, policy: str, inputs: Inputs, profile_window
     xla = use_xla(config, device_kind(strategy))
     report.say(describe_run(config, derived, state.model, policy, xla))
     train_loop = make_train_loop(strategy, state.model, state.optimizer, config, xla,
-                                 stop_requested=stop.in_graph)
+                                 stop_flag=stop.local_flag)
     profile = ProfileWindow(config.model_dir, profile_window, config.profile_host_tracer_level,
                             config.profile_python_tracer_level, enabled=chief)
     if config.profiler_port and chief:

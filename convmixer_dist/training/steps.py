@@ -62,9 +62,9 @@ def make_replica_steps(model, optimizer, config: Config, xla: bool) -> tuple[Cal
         images, labels = augmenter(images, labels, step=micro)
         return data.normalize(images, mean, std), labels
 
-    def apply(grads):
-        grads = optimization.prepare_gradients(grads, config.clip_norm, optimization.loss_scale(optimizer))
-        optimizer.apply_gradients(zip(grads, variables))
+    # One bucketed all-reduce of the gradient per optimizer step, then clipping, then the update.
+    apply = optimization.make_apply_gradients(optimizer, variables, config.clip_norm,
+                                              config.allreduce_bucket_mb, config.allreduce_dtype)
 
     def replica_step(images, labels, poison, step):
         grads, sums = forward_backward(*prepare(images, labels, step), poison)
@@ -86,39 +86,51 @@ def make_replica_steps(model, optimizer, config: Config, xla: bool) -> tuple[Cal
 
 
 def make_train_loop(strategy, model, optimizer, config: Config, xla: bool,
-                    stop_requested: Callable | None = None) -> Callable:
+                    stop_flag: Callable | None = None) -> Callable:
     """A tf.function running `num_steps` training (optimizer) steps; returns summed (loss, correct,
-    count) and the number of steps run: fewer than `num_steps` when `stop_requested()` (the in-graph
-    check, `preemption.StopSignal.in_graph`) turns true, so a stop signal is honoured at the next step.
+    count) and the number of steps run: fewer than `num_steps` when a stop was requested, so a stop
+    signal is honoured after the current step. `stop_flag()` (`preemption.StopSignal.local_flag`) is
+    this worker's request as 0.0/1.0; each step's bookkeeping (loss, correct, count and that flag)
+    crosses the replicas as one 4-vector, the step's only collective besides the gradient's, and
+    every worker sees the same sum, so all of them stop after the same step.
     With `--grad_accum_steps=K` each optimizer step reads K micro-batches from the iterator (see
     `make_replica_steps`)."""
     accum = config.grad_accum_steps
     replica_step, replica_accumulated_step = make_replica_steps(model, optimizer, config, xla)
-    stop_requested = stop_requested or (lambda: tf.constant(False))
+    stop_flag = stop_flag or (lambda: tf.constant(0.0))
+
+    def with_stop_flag(step_fn):
+        def run(*args):
+            return tf.stack(step_fn(*args) + [tf.cast(stop_flag(), tf.float32)])
+        return run
 
     @tf.function
     def train_loop(iterator, num_steps, first_step, nan_at_step):
         """`num_steps` steps from global step `first_step`; the step numbered `nan_at_step` (a
         fault-injection hook for tests, 0 = never) gets a NaN loss."""
-        totals = [tf.constant(0.0), tf.constant(0.0), tf.constant(0.0)]
+        totals = tf.zeros([3])
         done = tf.constant(0, tf.int32)
+        stop = tf.constant(False)
         for i in tf.range(num_steps):
-            if stop_requested():
+            if stop:
                 break
             step = first_step + tf.cast(i, tf.int64)
             poison = tf.where(step + 1 == nan_at_step, float("nan"), 1.0)
             if accum == 1:
                 images, labels = next(iterator)
-                per_replica = strategy.run(replica_step, args=(images, labels, poison, step))
+                per_replica = strategy.run(with_stop_flag(replica_step),
+                                           args=(images, labels, poison, step))
             else:
                 micro = [next(iterator) for _ in range(accum)]
                 stacked = strategy.run(lambda *b: (tf.stack(b[0::2]), tf.stack(b[1::2])),
                                        args=tuple(x for pair in micro for x in pair))
-                per_replica = strategy.run(replica_accumulated_step,
+                per_replica = strategy.run(with_stop_flag(replica_accumulated_step),
                                            args=(stacked[0], stacked[1], poison, step))
-            totals = [t + strategy.reduce(SUM, v, axis=None) for t, v in zip(totals, per_replica)]
+            summed = strategy.reduce(SUM, per_replica, axis=None)
+            totals += summed[:3]
+            stop = summed[3] > 0
             done += 1
-        return totals + [tf.cast(done, tf.float32)]
+        return tf.unstack(totals) + [tf.cast(done, tf.float32)]
 
     return train_loop
 
