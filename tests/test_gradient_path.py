@@ -8,6 +8,11 @@ import contextlib
 import dataclasses
 import io
 import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -21,7 +26,7 @@ from convmixer_dist.model import create_model
 from convmixer_dist.perf import collectives
 from convmixer_dist.training.loop import train_and_evaluate
 from convmixer_dist.training.steps import make_train_loop
-from helpers import tiny_config
+from helpers import ROOT, make_tf_config, tiny_config
 
 
 def test_buckets_go_from_the_last_variable_to_the_first_and_close_at_the_cap():
@@ -150,3 +155,62 @@ def test_keras_own_gradient_sum_is_switched_off_on_the_optimizer_and_its_inner_o
     assert inner._all_reduce_sum_gradients(pairs) == pairs
     # Another optimizer instance keeps Keras' behaviour (model.fit in perf.benchmark uses its own).
     assert keras.optimizers.AdamW()._all_reduce_sum_gradients.__self__ is not None
+
+
+WORKER = """
+import json, sys
+from convmixer_dist import data, optimization, strategy as strategy_lib
+from convmixer_dist.config import derive
+from convmixer_dist.model import create_model
+from convmixer_dist.perf import collectives
+from convmixer_dist.training.steps import make_train_loop
+from helpers import ROOT, make_tf_config, tiny_config
+config = tiny_config(sys.argv[1], strategy="multi_worker", clip_norm=1.0, collective_timeout=30,
+                     global_batch_size=16, allreduce_bucket_mb=float(sys.argv[2]))
+strategy = strategy_lib.create_strategy(config)  # before any other op
+import tensorflow as tf
+derived = derive(config, strategy.num_replicas_in_sync)
+with strategy.scope():
+    model = create_model(config)
+    optimizer = optimization.create_optimizer(config, derived.total_steps, "float32")
+    optimizer.build(model.trainable_variables)
+loop = make_train_loop(strategy, model, optimizer, config, xla=False)
+args = (iter(data.train_dataset(strategy, config, derived)), tf.constant(2),
+        tf.constant(0, tf.int64), tf.constant(0, tf.int64))
+loop(*args)
+print(json.dumps(collectives.per_step(loop.get_concrete_function(*args))))
+"""
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_workers_send_one_gradient_and_one_bookkeeping_collective_per_step(tmp_path):
+    # MultiWorkerMirroredStrategy, 2 processes, clipping on: 1 gradient collective of every
+    # parameter + 1 four-element bookkeeping collective (loss, correct, count, stop flag) per step;
+    # with 1-byte buckets one gradient collective per variable.
+    for bucket_mb, expect_buckets in ((25, 1), (1 / 2 ** 20, "variables")):
+        hosts = [f"localhost:{p}" for p in _free_ports(2)]
+        procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path / f"w{i}"), str(bucket_mb)],
+                                  cwd=ROOT, env={**os.environ, "TF_CONFIG": make_tf_config(hosts, i),
+                                                 "PYTHONPATH": f"{ROOT}:{ROOT}/tests"},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+        outputs = [p.communicate(timeout=240) for p in procs]
+        for proc, (out, err) in zip(procs, outputs):
+            assert proc.returncode == 0, err[-3000:]
+        counts = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+        assert counts[0] == counts[1]
+        # stem conv (kernel, bias) + stem BN (gamma, beta) + 2 blocks x (depthwise, BN, 1x1, BN) + head
+        variables = 2 + 2 + 2 * 8 + 2
+        expected = 1 if expect_buckets == 1 else variables
+        assert counts[0]["gradient_collectives"] == expected
+        assert counts[0]["collectives"] == expected + 1
+        assert counts[0]["bytes"] - counts[0]["gradient_bytes"] == 4 * 4

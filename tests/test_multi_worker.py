@@ -22,10 +22,14 @@ def _checksums(text):
     return re.findall(r"weights_sha256 (\w+) weights_abs_sum (\S+)", text)
 
 
+# The gradient path under test: clipping on the summed gradient, several buckets of collectives.
+GRADIENT_PATH = ["--clip_norm=0.05", "--allreduce_bucket_mb=0.001"]
+
+
 def test_two_workers_train_like_two_mirrored_replicas(tmp_path):
     model_dir = tmp_path / "mw"
     result = subprocess.run(["bash", "launch/local.sh", "2", f"--model_dir={model_dir}", *TINY,
-                             "--train_steps=6"], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                             *GRADIENT_PATH, "--train_steps=6"], cwd=ROOT, capture_output=True, text=True, timeout=180,
                             env=LAUNCH_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     logs = [(model_dir / "logs" / f"worker-{i}.log").read_text() for i in (0, 1)]
@@ -42,7 +46,7 @@ def test_two_workers_train_like_two_mirrored_replicas(tmp_path):
     # The same global batches on one process with 2 mirrored replicas: same weights (tolerance:
     # relative 1e-6 on the sum of |w|, i.e. float32 reduction-order noise only).
     mirrored = run_cli("convmixer_dist.main", "--strategy=mirrored", "--cpu_replicas=2", *TINY,
-                       "--train_steps=6", f"--model_dir={tmp_path / 'mirrored'}")
+                       *GRADIENT_PATH, "--train_steps=6", f"--model_dir={tmp_path / 'mirrored'}")
     assert mirrored.returncode == 0, mirrored.stderr[-2000:]
     reference = json.loads((tmp_path / "mirrored" / "summary.json").read_text())
     assert abs(reference["weights_abs_sum"] - float(abs0)) <= 1e-6 * abs(float(abs0))

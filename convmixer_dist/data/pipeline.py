@@ -160,7 +160,10 @@ def make_dataset_fn(config: Config, derived: Derived, split: str, loaded: Loaded
         pipeline, pipelines = ctx.input_pipeline_id, ctx.num_input_pipelines
         if split == "train":
             ds = _train_examples(config, loaded, ids, pipeline, pipelines, start_step)
-            ds = ds.batch(batch, drop_remainder=True)
+            # The stream is endless (every epoch a new permutation); saying so lets a multi-worker
+            # iterator skip its per-step "does any worker still have data?" all-reduce.
+            ds = ds.batch(batch, drop_remainder=True).apply(
+                tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
             augmenter = make_augmenter(config, pipeline)
             if augmenter is not None and config.augment_on_device:
                 # Raw uint8 batches; the train step augments and normalizes on the device.
