@@ -214,3 +214,29 @@ def test_two_workers_send_one_gradient_and_one_bookkeeping_collective_per_step(t
         assert counts[0]["gradient_collectives"] == expected
         assert counts[0]["collectives"] == expected + 1
         assert counts[0]["bytes"] - counts[0]["gradient_bytes"] == 4 * 4
+
+
+def test_late_layers_are_reduced_while_the_backward_pass_still_runs(tmp_path):
+    # A profile of one step with small buckets: the first gradient collective (the head and the last
+    # block) starts before the last backward op (the stem's filter gradient) ends.
+    from convmixer_dist.perf import profile_report
+
+    config = tiny_config(str(tmp_path), strategy="mirrored", cpu_replicas=2, hidden_dim=64, depth=4,
+                         image_size=32, global_batch_size=32, allreduce_bucket_mb=0.01, clip_norm=1.0)
+    strategy = _collective_mirrored()
+    derived = derive(config, 2)
+    with strategy.scope():
+        model = create_model(config)
+        optimizer = optimization.create_optimizer(config, derived.total_steps, "float32")
+        optimizer.build(model.trainable_variables)
+    loop = make_train_loop(strategy, model, optimizer, config, xla=False)
+    iterator = iter(data.train_dataset(strategy, config, derived))
+    args = (iterator, tf.constant(1), tf.constant(0, tf.int64), tf.constant(0, tf.int64))
+    loop(*args)  # traced and warm
+    tf.profiler.experimental.start(str(tmp_path / "profile"))
+    loop(*args)
+    tf.profiler.experimental.stop()
+    paths = [str(p) for p in (tmp_path / "profile").rglob("*.xplane.pb")]
+    result = collectives.overlap(profile_report.load_trace(paths))
+    assert result["collectives"] > 2 * 2 and result["backward_ops"] > 50  # 2 replicas' ops
+    assert result["lead_ms"] > 0, result

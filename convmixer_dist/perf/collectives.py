@@ -76,3 +76,28 @@ def per_step(concrete_function, local_replicas: int = 1) -> dict:
             "gradient_bytes": sum(c.bytes for c in gradient) // local_replicas,
             "dtypes": sorted({c.dtype for c in gradient})}
 
+
+
+def overlap(trace: dict) -> dict:
+    """How the gradient's collectives lay against the backward pass, from `trace_viewer` events
+    (`perf.profile_report.load_trace`) of a profile of one training step: the backward pass is the
+    ops under the gradient tape, the collectives those under `GRADIENT_SCOPE`. With buckets the first
+    collective starts before the backward pass ends (`lead_ms` > 0: the late layers' reduction runs
+    while the early layers' gradients are still being computed); with one bucket it cannot."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+
+    def long_name(event: dict) -> str:
+        return event.get("args", {}).get("long_name", "")
+
+    comm = [e for e in events if e.get("name") in COLLECTIVE_OPS
+            and is_gradient(Collective(e["name"], "float32", -1, long_name(e).split(":")[0]))]
+    backward = [e for e in events if "gradient_tape/" in long_name(e) and e not in comm]
+    if not comm or not backward:
+        return {"collectives": len(comm), "backward_ops": len(backward)}
+    start = min(e["ts"] for e in backward)
+    end = max(e["ts"] + e["dur"] for e in backward)
+    inside = sum(max(0.0, min(e["ts"] + e["dur"], end) - max(e["ts"], start)) for e in comm)
+    return {"collectives": len(comm), "backward_ops": len(backward),
+            "backward_ms": (end - start) / 1e3,
+            "lead_ms": (end - min(e["ts"] for e in comm)) / 1e3,
+            "collective_ms_inside_backward": inside / 1e3}
