@@ -20,7 +20,8 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.distribute import collective_util, cross_device_ops, cross_device_utils
 
-from convmixer_dist import data, optimization, precision, strategy as strategy_lib
+from convmixer_dist import optimization, precision, strategy as strategy_lib
+from convmixer_dist.data import pipeline as data
 from convmixer_dist.config import derive
 from convmixer_dist.model import create_model
 from convmixer_dist.perf import collectives
@@ -159,7 +160,8 @@ def test_keras_own_gradient_sum_is_switched_off_on_the_optimizer_and_its_inner_o
 
 WORKER = """
 import json, sys
-from convmixer_dist import data, optimization, strategy as strategy_lib
+from convmixer_dist import optimization, strategy as strategy_lib
+from convmixer_dist.data import pipeline as data
 from convmixer_dist.config import derive
 from convmixer_dist.model import create_model
 from convmixer_dist.perf import collectives
