@@ -55,7 +55,7 @@ def _traced_loop(config, strategy, steps=2):
     """Run `steps` steps of the real train loop; return (weights, collectives per step, variables)."""
     policy = precision.resolve_precision(config.precision, "cpu")
     keras.mixed_precision.set_dtype_policy(policy)  # the conftest fixture restores float32
-    derived = derive(config, strategy.num_replicas_in_sync)
+    derived = derive(config, strategy.num_replicas_in_sync, *data.trained_sizes(config))
     with strategy.scope():
         keras.utils.set_random_seed(config.seed)
         model = create_model(config)
@@ -171,7 +171,7 @@ config = tiny_config(sys.argv[1], strategy="multi_worker", clip_norm=1.0, collec
                      global_batch_size=16, allreduce_bucket_mb=float(sys.argv[2]))
 strategy = strategy_lib.create_strategy(config)  # before any other op
 import tensorflow as tf
-derived = derive(config, strategy.num_replicas_in_sync)
+derived = derive(config, strategy.num_replicas_in_sync, *data.trained_sizes(config))
 with strategy.scope():
     model = create_model(config)
     optimizer = optimization.create_optimizer(config, derived.total_steps, "float32")
@@ -226,7 +226,7 @@ def test_late_layers_are_reduced_while_the_backward_pass_still_runs(tmp_path):
     config = tiny_config(str(tmp_path), strategy="mirrored", cpu_replicas=2, hidden_dim=64, depth=4,
                          image_size=32, global_batch_size=32, allreduce_bucket_mb=0.01, clip_norm=1.0)
     strategy = _collective_mirrored()
-    derived = derive(config, 2)
+    derived = derive(config, 2, *data.trained_sizes(config))
     with strategy.scope():
         model = create_model(config)
         optimizer = optimization.create_optimizer(config, derived.total_steps, "float32")
