@@ -9,6 +9,7 @@ fraction of a second and produces one line (`error: ...`, exit code 2) without a
 """
 from __future__ import annotations
 
+import math
 import os
 import types
 from typing import Any, Callable, Optional
@@ -45,6 +46,21 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     for old, new in cfg.RENAMED_SETTINGS.items():
         if old not in flag_values:
             flags.DEFINE_alias(old, new, flag_values=flag_values)
+
+
+def define_number(name: str, default: float, lower: float, upper: float, help_text: str,
+                  flag_values: flags.FlagValues = FLAGS) -> None:
+    """A tool's own numeric flag with bounds, like a Config setting's: an integer flag when
+    `default` is an int, else a float flag that must also be finite; a value outside
+    [lower, upper] is one `error:` line (exit 2) naming the flag and the interval."""
+    if isinstance(default, int) and not isinstance(default, bool):
+        flags.DEFINE_integer(name, default, f"{help_text} ({lower}..{upper})", lower_bound=lower,
+                             upper_bound=upper, flag_values=flag_values)
+        return
+    flags.DEFINE_float(name, default, f"{help_text} ({lower:g}..{upper:g})", lower_bound=lower,
+                       upper_bound=upper, flag_values=flag_values)
+    flags.register_validator(name, math.isfinite, message=f"--{name} must be a finite number",
+                             flag_values=flag_values)
 
 
 def validate(c: cfg.Config) -> None:

@@ -86,6 +86,19 @@ def check_profile_window(steps: tuple[int, int] | None, total_steps: int) -> str
     return None
 
 
+def check_window_after_resume(steps: tuple[int, int] | None, resumed_step: int) -> str | None:
+    """A warning line when a run resumed at `resumed_step` has already passed (part of) the
+    --profile_steps window: the steps before it are not run again, so they cannot be profiled."""
+    if steps is None or resumed_step <= steps[0]:
+        return None
+    start, end = steps
+    if resumed_step >= end:
+        return (f"warning: --profile_steps={start},{end}: the run resumed at step {resumed_step}, after "
+                f"the window; nothing is profiled (pick steps after {resumed_step})")
+    return (f"warning: --profile_steps={start},{end}: the run resumed at step {resumed_step}; "
+            f"profiling steps {resumed_step}..{end}")
+
+
 def check_port_free(port: int) -> None:
     """UsageError if another process listens on `port`: TensorFlow's profiler server would fail
     silently there (no error, no server). Checked before anything is written."""

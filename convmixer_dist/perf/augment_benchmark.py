@@ -34,8 +34,8 @@ TRAINING_FLAGS = ("augment", "crop_scale", "randaug_n", "randaug_m", "jitter", "
 def define_flags() -> None:
     """The benchmark's own flags; `--help` also lists the training flags it reads."""
     flags.DEFINE_enum("placement", "both", ["tf_data", "on_device", "both"], "What to time.")
-    flags.DEFINE_integer("batch_size", 256, "Images per augmented batch.")
-    flags.DEFINE_integer("batches", 40, "Timed batches (after 5 warm-up batches).")
+    cli.define_number("batch_size", 256, 1, 65536, "Images per augmented batch.")
+    cli.define_number("batches", 40, 1, 10 ** 6, "Timed batches (after 5 warm-up batches).")
     flags.DEFINE_bool("hflip", False, "Also flip horizontally (as --augment=rrc does).")
     flags.DEFINE_string("output", "runs/augment_benchmark.json", "Where to write the JSON result.")
     for name in TRAINING_FLAGS:

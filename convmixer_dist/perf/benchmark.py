@@ -44,9 +44,9 @@ def define_flags() -> None:
                       "the input pipeline alone; all: both.")
     flags.DEFINE_list("pipeline", ["excluded", "included"], "Training runs to make: excluded (one "
                       "cached batch per step), included (the real input pipeline), or both.")
-    flags.DEFINE_integer("warmup_windows", 1, "Untimed windows first (tracing, tf.data autotuning).")
-    flags.DEFINE_integer("windows", 5, "Timed windows per run; the median is reported.")
-    flags.DEFINE_integer("window_steps", 10, "Steps per window (a multiple of --steps_per_loop).")
+    cli.define_number("warmup_windows", 1, 0, 1000, "Untimed windows first (tracing, tf.data autotuning).")
+    cli.define_number("windows", 5, 1, 1000, "Timed windows per run; the median is reported.")
+    cli.define_number("window_steps", 10, 1, 10 ** 6, "Steps per window (a multiple of --steps_per_loop).")
     flags.DEFINE_boolean("compare_fit", False, "Also train the same model with Keras model.fit on the "
                          "same cached batch and report custom/fit throughput.")
     flags.DEFINE_list("variants", [], "Extra input-excluded runs of the custom loop, each with one "
@@ -58,9 +58,11 @@ def define_flags() -> None:
                       "base pipeline. Items: "
                       "decode_crop=true|false (the same data), tfrecord=DIR (the same flags reading "
                       "TFRecord shards of DIR, e.g. made from --data_dir by make_tfrecords).")
-    flags.DEFINE_integer("fit_steps_per_execution", 1, "model.fit's steps_per_execution (Keras default 1).")
-    flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU; 0 = from the GPU table, or on "
-                       "CPU (float32) cores x clock x SIMD width x 2 FMA units x 2 (see flops.cpu_peak).")
+    cli.define_number("fit_steps_per_execution", 1, 1, 10 ** 6,
+                      "model.fit's steps_per_execution (Keras default 1).")
+    cli.define_number("peak_tflops", 0.0, 0.0, 1e6, "Device peak TFLOP/s for MFU; 0 = from the GPU "
+                      "table, or on CPU (float32) cores x clock x SIMD width x 2 FMA units x 2 (see "
+                      "flops.cpu_peak).")
     flags.DEFINE_boolean("measure_peak", True, "Measure the achievable peak once per run (a 2048^3 "
                          "matmul chain through TensorFlow in the run's compute dtype, timed like the "
                          "runs) and report MFU against it beside the nominal one. Skipped with "
@@ -90,7 +92,7 @@ def parse_variants(items: list[str], config) -> list[tuple[str, object]]:
     """`["precision=mixed_bfloat16", "xla=on"]` -> [(label, config with that one setting changed)]."""
     import dataclasses
 
-    variants = []
+    variants, seen = [], {}
     for item in items:
         name, _, text = item.partition("=")
         try:
@@ -100,6 +102,10 @@ def parse_variants(items: list[str], config) -> list[tuple[str, object]]:
             cfg.check_setting(name, value)
         except (ValueError, UsageError):
             raise UsageError(f"--variants: {item!r} is not one of {_variant_forms()}") from None
+        if (name, value) in seen:  # the second run's result would replace the first's in the JSON
+            raise UsageError(f"--variants: {item!r} is the same variant as {seen[name, value]!r}; "
+                             "list each variant once")
+        seen[name, value] = item
         variants.append((item, dataclasses.replace(config, **{name: value})))
     return variants
 
@@ -350,9 +356,6 @@ def validate_benchmark_flags(config, opts) -> list[tuple[str, object]]:
     bad = [p for p in opts.pipeline if p not in PIPELINES]
     if bad or not opts.pipeline:
         raise UsageError(f"--pipeline={','.join(opts.pipeline)}: expected excluded, included or both")
-    for name in ("windows", "window_steps"):
-        if getattr(opts, name) < 1:
-            raise UsageError(f"--{name}={getattr(opts, name)}: expected a positive number")
     if opts.window_steps % config.steps_per_loop:
         raise UsageError(f"--window_steps={opts.window_steps} must be a multiple of "
                          f"--steps_per_loop={config.steps_per_loop}")
@@ -368,8 +371,6 @@ def validate_benchmark_flags(config, opts) -> list[tuple[str, object]]:
                              f"multiple of its steps_per_loop")
     if opts.variants and "excluded" not in opts.pipeline:
         raise UsageError("--variants are compared with the input-excluded run: add excluded to --pipeline")
-    if opts.peak_tflops < 0:
-        raise UsageError(f"--peak_tflops={opts.peak_tflops}: expected >= 0")
     rundir.ensure_writable_file(opts.output, f"--output={opts.output}")
     return variants
 

@@ -10,7 +10,8 @@ runs `tf.nn.depthwise_conv2d` (what keras DepthwiseConv2D calls) as one `tf.func
 shapes: `forward` computes y; `forward_backward` computes y plus dL/dx and dL/dkernel for a given dy.
 Per point it reports the median and min per-iteration time, the analytic FLOPs and minimum bytes moved,
 and the achieved GFLOP/s and GB/s. A point the device cannot run (e.g. NCHW float16 depthwise on CPU)
-becomes a row with status "unsupported: <reason>" instead of stopping the run. Results go to
+becomes a row with status "unsupported: <reason>" (a point that runs out of memory: "out of memory:
+<reason>") instead of stopping the run. Results go to
 OUTPUT_DIR/kernel_bench.{csv,json}, rewritten atomically after every point. With --profile a second
 pass runs one more iteration of each measured point under the profiler (kept out of the timed pass so
 tracing does not inflate the times); TensorBoard step i is row i of the CSV.
@@ -48,8 +49,8 @@ def define_flags() -> None:
     flags.DEFINE_string("data_formats", "NHWC,NCHW", "Any of NHWC, NCHW.")
     flags.DEFINE_string("xla", "off,on", "Any of off, on (tf.function jit_compile).")
     flags.DEFINE_string("passes", "forward,forward_backward", "Any of forward, forward_backward.")
-    flags.DEFINE_integer("warmup", 3, "Untimed iterations per point (the first one compiles).")
-    flags.DEFINE_integer("iters", 10, "Timed iterations per point.")
+    cli.define_number("warmup", 3, 0, 10 ** 4, "Untimed iterations per point (the first one compiles).")
+    cli.define_number("iters", 10, 1, 10 ** 6, "Timed iterations per point.")
     flags.DEFINE_string("output_dir", "runs/kernel_bench", "Where kernel_bench.csv/.json (and profiles) go.")
     flags.DEFINE_bool("profile", False, "Also capture a TensorBoard profile, one step per grid point.")
     flags.DEFINE_string("device", "", 'TF device; default "/GPU:0" if a GPU exists else "/CPU:0".')
@@ -166,10 +167,12 @@ def run_point(point: Point, warmup: int, iters: int, device: str = "/CPU:0") -> 
     try:
         fn, args = build(point, device)
         fn(*args)[-1].numpy()
-    except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, tf.errors.NotFoundError) as err:
-        return {**row, "status": f"unsupported: {_reason(err)}", "time_ms": None, "min_ms": None,
+        times = time_calls(lambda: fn(*args)[-1].numpy(), max(warmup - 1, 0), iters)
+    except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, tf.errors.NotFoundError,
+            tf.errors.ResourceExhaustedError) as err:  # out of memory: a row too, the grid goes on
+        kind = "out of memory" if isinstance(err, tf.errors.ResourceExhaustedError) else "unsupported"
+        return {**row, "status": f"{kind}: {_reason(err)}", "time_ms": None, "min_ms": None,
                 "gflops": None, "gb_s": None}
-    times = time_calls(lambda: fn(*args)[-1].numpy(), max(warmup - 1, 0), iters)
     median = statistics.median(times)
     return {**row, "status": "ok", "time_ms": median * 1e3, "min_ms": min(times) * 1e3,
             "gflops": flops / median / 1e9, "gb_s": nbytes / median / 1e9}
@@ -218,8 +221,6 @@ def format_row(row: dict) -> str:
 def main(args: list[str], f: types.SimpleNamespace) -> None:
     if args:
         raise UsageError(f"unexpected arguments {args}")
-    if f.iters < 1 or f.warmup < 0:
-        raise UsageError(f"--iters={f.iters} --warmup={f.warmup}: expected iters >= 1 and warmup >= 0")
     points = grid(parse_int_list("kernel_sizes", f.kernel_sizes, 1, 31),
                   parse_int_list("hidden_dims", f.hidden_dims), parse_int_list("batch_sizes", f.batch_sizes),
                   parse_int_list("spatial", f.spatial),

@@ -399,13 +399,13 @@ def write_report(report: dict) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------- command
 def define_flags() -> None:
     flags.DEFINE_string("run", None, "Profile run under MODEL_DIR/plugins/profile/ (default: the newest).")
-    flags.DEFINE_integer("top", 15, "How many ops to list by self time.", lower_bound=1)
+    cli.define_number("top", 15, 1, 10 ** 4, "How many ops to list by self time.")
     flags.DEFINE_enum("side", "auto", ["auto", "host", "device"],
                       "Whose op time to analyse: auto = device ops if the profile has any, else host.")
-    flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s the convolutions' rates are compared with; "
-                       "0 = measure it now (a matmul in the run's compute dtype).", lower_bound=0)
-    flags.DEFINE_float("peak_gbps", 0.0, "Peak GB/s the element-wise kinds' rates are compared with; "
-                       "0 = measure it now (a streaming x * a + b).", lower_bound=0)
+    cli.define_number("peak_tflops", 0.0, 0.0, 1e6, "Peak TFLOP/s the convolutions' rates are compared "
+                      "with; 0 = measure it now (a matmul in the run's compute dtype).")
+    cli.define_number("peak_gbps", 0.0, 0.0, 1e7, "Peak GB/s the element-wise kinds' rates are compared "
+                      "with; 0 = measure it now (a streaming x * a + b).")
     flags.DEFINE_boolean("rates", True, "Achieved rate per kind from the run's flags.txt (model shapes).")
 
 

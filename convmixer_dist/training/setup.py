@@ -15,8 +15,8 @@ from convmixer_dist.data import image_folder
 from convmixer_dist.config import Config, Derived
 from convmixer_dist.model import count_params
 from convmixer_dist.precision import resolve_precision, use_xla
-from convmixer_dist.profiling import (ProfileWindow, check_profile_window, parse_profile_steps,
-                                      start_profiler_server)
+from convmixer_dist.profiling import (ProfileWindow, check_profile_window, check_window_after_resume,
+                                      parse_profile_steps, start_profiler_server)
 from convmixer_dist.strategy import device_kind, is_chief
 from convmixer_dist.training.inputs import Inputs
 from convmixer_dist.training.report import Report, describe_run
@@ -118,6 +118,9 @@ def set_up(config: Config, strategy, policy: str, inputs: Inputs, profile_window
             report.say(f"the run stopped early ({int(state.epochs_without_gain.numpy())} epochs without a "
                        "lower validation loss): it is finished, nothing more is trained (a larger "
                        "--early_stopping_patience continues it)")
+        warning = check_window_after_resume(profile_window, int(state.step.numpy()))
+        if warning:
+            report.say(warning)
     else:
         checkpoints.latest.save(0)
 
