@@ -23,8 +23,9 @@ def _two_logical_cpus() -> list[str]:
 
 DEVICES = _two_logical_cpus()
 
-from convmixer_dist.data.augment import (  # noqa: E402  (after the device split)
-    RANDAUG_OPS, AugmentSpec, BatchAugmenter, normalize)
+from convmixer_dist.data.augment import BatchAugmenter, normalize  # noqa: E402  (after the device split)
+from convmixer_dist.data.augment_spec import AugmentSpec  # noqa: E402
+from convmixer_dist.data.randaugment import NAMES as RANDAUG_OPS  # noqa: E402
 from convmixer_dist.data.sources.cifar import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from convmixer_dist.errors import UsageError  # noqa: E402
 

@@ -18,7 +18,8 @@ import tensorflow as tf
 
 from convmixer_dist.config import Config, Derived, parse_crop_ratio
 from convmixer_dist.data import registry
-from convmixer_dist.data.augment import AugmentSpec, BatchAugmenter, normalize
+from convmixer_dist.data.augment import BatchAugmenter, normalize
+from convmixer_dist.data.augment_spec import AugmentSpec
 from convmixer_dist.data.source import Loaded
 from convmixer_dist.seeds import derive_seed
 
