@@ -39,7 +39,6 @@ class Description:
     std: tuple[float, float, float]
     class_names: Optional[tuple[str, ...]]  # known names; None: the data's class_names.json or class_i
     encoded: bool        # encoded images of any size: the random-resized crop is cut per example
-    random_access: bool  # examples by index, so a validation split can be held out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -208,7 +208,7 @@ def describe(config: Config) -> Description:
     mean, std = _STATISTICS[config.dataset]
     return Description(num_classes=len(CLASS_NAMES[config.dataset]), image_size=IMAGE_SIZE,
                        train_size=TRAIN_SIZE, eval_size=TEST_SIZE, mean=mean, std=std,
-                       class_names=CLASS_NAMES[config.dataset], encoded=False, random_access=True)
+                       class_names=CLASS_NAMES[config.dataset], encoded=False)
 
 
 def check(config: Config) -> None:

@@ -28,7 +28,7 @@ def _count_class_folders(data_dir: str) -> int:
 def describe(config: Config) -> Description:
     return Description(num_classes=_count_class_folders(config.data_dir), image_size=None,
                        train_size=None, eval_size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                       class_names=None, encoded=True, random_access=True)
+                       class_names=None, encoded=True)
 
 
 def check(config: Config) -> None:

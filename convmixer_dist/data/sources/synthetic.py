@@ -42,7 +42,7 @@ def synthetic_example(index, seed: int, image_size: int, num_classes: int):
 def describe(config: Config) -> Description:
     return Description(num_classes=config.num_classes, image_size=IMAGE_SIZE,
                        train_size=config.synthetic_train_size, eval_size=config.synthetic_test_size,
-                       mean=MEAN, std=STD, class_names=None, encoded=False, random_access=True)
+                       mean=MEAN, std=STD, class_names=None, encoded=False)
 
 
 def check(config: Config) -> None:

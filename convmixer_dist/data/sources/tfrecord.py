@@ -36,7 +36,7 @@ def _class_count(data_dir: str, num_classes: int) -> int:
 def describe(config: Config) -> Description:
     return Description(num_classes=_class_count(config.data_dir, config.num_classes), image_size=None,
                        train_size=None, eval_size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                       class_names=None, encoded=True, random_access=False)
+                       class_names=None, encoded=True)
 
 
 def check(config: Config) -> None:
