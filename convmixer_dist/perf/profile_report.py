@@ -322,6 +322,9 @@ def build_report(paths: list[str], top: int = 15, side: str = "auto", peak_tflop
     """Read the profile's hosts through xprof and summarise them; with `rates` (and the run's
     flags.txt), each kind's achieved rate against the peaks (measured where not given)."""
     rows = load_op_stats(paths)
+    if not rows:  # An empty or truncated .xplane.pb reads as a profile without ops: not a report.
+        raise UsageError(f"{', '.join(paths)}: the profile holds no op statistics (an empty or truncated "
+                         ".xplane.pb?); capture it again with --profile_steps=START,END")
     trace = None
     if pick_side(rows, side) == "host":  # XLA calls are host rows; a GPU's trace can be large
         trace = load_trace(paths)
