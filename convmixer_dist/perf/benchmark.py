@@ -226,6 +226,12 @@ def _custom_runner(strategy, model, optimizer, config, xla: bool, dataset, windo
                                 tf.constant(state["step"], tf.int64), tf.constant(0, tf.int64))
             float(totals[0])  # As in training: the host reads the loss sums after every call.
             state["step"] += config.steps_per_loop
+    if config.strategy == "multi_worker":  # its all-reduces per step, read from the traced loop
+        from convmixer_dist.perf import collectives
+
+        run_window.collectives = lambda: collectives.per_step(train_loop.get_concrete_function(
+            iterator, tf.constant(config.steps_per_loop, tf.int32), tf.constant(0, tf.int64),
+            tf.constant(0, tf.int64)), len(strategy.extended.worker_devices))
     return run_window
 
 
@@ -415,6 +421,8 @@ def _record(result: dict, name: str, run_window: Callable, config, opts, policy:
     run = throughput_fields(median_rate(seconds, opts.window_steps * config.global_batch_size),
                             config.global_batch_size, result["flops_per_image_train"], peak, achievable)
     result["runs"][name] = run
+    if hasattr(run_window, "collectives"):
+        run["collectives"] = run_window.collectives()
     mfu = f", MFU {run['mfu']:.1%} of {peak:.3f}" if run["mfu"] is not None else ", MFU n/a"
     if run["mfu_measured"] is not None:
         mfu += f" nominal, {run['mfu_measured']:.1%} of {achievable:.3f} measured"
