@@ -13,10 +13,19 @@ import os
 import sys
 import types
 
-from absl import flags
+from convmixer_dist import preemption
 
-from convmixer_dist import flags as cli
-from convmixer_dist import preemption, rundir
+if __name__ == "__main__":
+    # The command's first act: stop signals stay pending (until the stop-signal thread or the
+    # multi-worker start-up takes them) in every thread created from here on. Importing the flags
+    # module already starts one (numpy's BLAS pool), and a thread that does not block them would
+    # take a SIGTERM to its default action: the process killed instead of exiting 75.
+    preemption.block_signals()
+
+from absl import flags  # noqa: E402
+
+from convmixer_dist import flags as cli  # noqa: E402
+from convmixer_dist import rundir  # noqa: E402
 from convmixer_dist.errors import UsageError
 
 EXIT_DIVERGED = 3  # Non-finite loss/weights; the last good checkpoint is kept.
@@ -37,6 +46,7 @@ def main(args: list[str], opts: types.SimpleNamespace) -> dict:
     config = cli.config_from_flags()
     # Before TensorFlow's import (its threads inherit the mask): stop signals stay pending until the
     # stop-signal thread takes them (preemption.py); multi-worker start-up polls them (startup.py).
+    # (Already done at the command's start; here for callers of main() in-process.)
     preemption.block_signals()
     # TensorFlow loads only after the flags are valid; strategy first, because
     # MultiWorkerMirroredStrategy must exist before any other TensorFlow op.

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -38,3 +39,14 @@ def run_cli(module: str, *args: str, env: dict | None = None, timeout: float = 3
             full_env[key] = value
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` TCP ports on localhost that were free a moment ago (for TF_CONFIG clusters in tests)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports

@@ -10,7 +10,6 @@ import io
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -27,7 +26,7 @@ from convmixer_dist.model import create_model
 from convmixer_dist.perf import collectives
 from convmixer_dist.training.loop import train_and_evaluate
 from convmixer_dist.training.steps import make_train_loop
-from helpers import ROOT, make_tf_config, tiny_config
+from helpers import ROOT, free_ports, make_tf_config, tiny_config
 
 
 def test_buckets_go_from_the_last_variable_to_the_first_and_close_at_the_cap():
@@ -51,8 +50,8 @@ def _collective_mirrored():
         devices=devices, group_size=2, options=collective_util.Options(), collective_keys=keys))
 
 
-def _traced_loop(config, strategy, steps=2):
-    """Run `steps` steps of the real train loop; return (weights, collectives per step, variables)."""
+def _train_loop(config, strategy):
+    """The real train loop of a tiny ConvMixer (seeded) and an iterator over its training stream."""
     policy = precision.resolve_precision(config.precision, "cpu")
     keras.mixed_precision.set_dtype_policy(policy)  # the conftest fixture restores float32
     derived = derive(config, strategy.num_replicas_in_sync, *data.trained_sizes(config))
@@ -62,7 +61,12 @@ def _traced_loop(config, strategy, steps=2):
         optimizer = optimization.create_optimizer(config, derived.total_steps, policy)
         optimizer.build(model.trainable_variables)
     loop = make_train_loop(strategy, model, optimizer, config, xla=False)
-    iterator = iter(data.train_dataset(strategy, config, derived))
+    return loop, iter(data.train_dataset(strategy, config, derived)), model
+
+
+def _traced_loop(config, strategy, steps=2):
+    """Run `steps` steps of the real train loop; return (weights, collectives per step, variables)."""
+    loop, iterator, model = _train_loop(config, strategy)
     args = (iterator, tf.constant(steps), tf.constant(0, tf.int64), tf.constant(0, tf.int64))
     loop(*args)
     counts = collectives.per_step(loop.get_concrete_function(*args), strategy.num_replicas_in_sync)
@@ -184,22 +188,12 @@ print(json.dumps(collectives.per_step(loop.get_concrete_function(*args))))
 """
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def test_two_workers_send_one_gradient_and_one_bookkeeping_collective_per_step(tmp_path):
     # MultiWorkerMirroredStrategy, 2 processes, clipping on: 1 gradient collective of every
     # parameter + 1 four-element bookkeeping collective (loss, correct, count, stop flag) per step;
     # with 1-byte buckets one gradient collective per variable.
     for bucket_mb, expect_buckets in ((25, 1), (1 / 2 ** 20, "variables")):
-        hosts = [f"localhost:{p}" for p in _free_ports(2)]
+        hosts = [f"localhost:{p}" for p in free_ports(2)]
         procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path / f"w{i}"), str(bucket_mb)],
                                   cwd=ROOT, env={**os.environ, "TF_CONFIG": make_tf_config(hosts, i),
                                                  "PYTHONPATH": f"{ROOT}:{ROOT}/tests"},
@@ -225,14 +219,7 @@ def test_late_layers_are_reduced_while_the_backward_pass_still_runs(tmp_path):
 
     config = tiny_config(str(tmp_path), strategy="mirrored", cpu_replicas=2, hidden_dim=64, depth=4,
                          image_size=32, global_batch_size=32, allreduce_bucket_mb=0.01, clip_norm=1.0)
-    strategy = _collective_mirrored()
-    derived = derive(config, 2, *data.trained_sizes(config))
-    with strategy.scope():
-        model = create_model(config)
-        optimizer = optimization.create_optimizer(config, derived.total_steps, "float32")
-        optimizer.build(model.trainable_variables)
-    loop = make_train_loop(strategy, model, optimizer, config, xla=False)
-    iterator = iter(data.train_dataset(strategy, config, derived))
+    loop, iterator, _ = _train_loop(config, _collective_mirrored())
     args = (iterator, tf.constant(1), tf.constant(0, tf.int64), tf.constant(0, tf.int64))
     loop(*args)  # traced and warm
     tf.profiler.experimental.start(str(tmp_path / "profile"))

@@ -4,30 +4,20 @@ TensorFlow creates the strategy (the phase where it blocks holding the interpret
 own SIGTERM handler). The peer in the last two is this test process speaking the start-up protocol."""
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 
-from helpers import ROOT, make_tf_config
+from helpers import ROOT, free_ports, make_tf_config
 
 from convmixer_dist import cluster, startup
 
 TINY = ["--strategy=multi_worker", "--hidden_dim=16", "--depth=1", "--kernel_size=3", "--patch_size=2",
         "--image_size=8", "--global_batch_size=16", "--train_steps=3", "--steps_per_loop=3",
         "--synthetic_train_size=64", "--synthetic_test_size=16"]
-
-
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _start_worker(tmp_path, addresses, *flags):
@@ -68,7 +58,7 @@ def _fake_peer(addresses, stop):
 
 
 def test_a_peer_that_never_starts_ends_start_up_within_the_bound(tmp_path):
-    addresses = [f"localhost:{p}" for p in _free_ports(2)]
+    addresses = [f"localhost:{p}" for p in free_ports(2)]
     proc = _start_worker(tmp_path, addresses, "--startup_timeout=3")
     waiting_since = _wait_for_line(proc, "waiting for its peers")
     _, err = proc.communicate(timeout=60)
@@ -82,9 +72,15 @@ def test_a_peer_that_never_starts_ends_start_up_within_the_bound(tmp_path):
 
 
 def test_sigterm_while_waiting_for_peers_stops_the_worker_at_once(tmp_path):
-    addresses = [f"localhost:{p}" for p in _free_ports(2)]
+    addresses = [f"localhost:{p}" for p in free_ports(2)]
     proc = _start_worker(tmp_path, addresses, "--startup_timeout=300")
     _wait_for_line(proc, "waiting for its peers")
+    # Every thread of the worker holds SIGTERM pending (a thread started before the mask, e.g.
+    # numpy's BLAS pool at the flags' import, would take it to its default action: killed, -15).
+    for task in os.listdir(f"/proc/{proc.pid}/task"):
+        status = open(f"/proc/{proc.pid}/task/{task}/status").read()
+        blocked = int(re.search(r"^SigBlk:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+        assert blocked & (1 << (signal.SIGTERM - 1)), f"thread {task} does not block SIGTERM"
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -96,7 +92,7 @@ def test_sigterm_while_waiting_for_peers_stops_the_worker_at_once(tmp_path):
 
 def _stuck_in_creation(tmp_path, timeout):
     """Worker 0 whose peer said hello but never joins: TensorFlow's strategy creation blocks."""
-    addresses = [f"localhost:{p}" for p in _free_ports(2)]
+    addresses = [f"localhost:{p}" for p in free_ports(2)]
     stop = threading.Event()
     peer = threading.Thread(target=_fake_peer, args=(addresses, stop), daemon=True)
     peer.start()
