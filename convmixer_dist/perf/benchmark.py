@@ -495,19 +495,13 @@ def run_benchmark(config, variants: list[tuple[str, object]], opts) -> dict:
 
 
 def _run_benchmark(config, variants: list[tuple[str, object]], opts) -> dict:
-    from convmixer_dist.data import pipeline as data
     from convmixer_dist import strategy as strategy_lib
-    from convmixer_dist.config import derive
-    from convmixer_dist.perf import flops
-    from convmixer_dist.precision import resolve_precision, use_xla
+    from convmixer_dist.plan import plan
 
     strategy = strategy_lib.create_strategy(config)  # Before any other op (multi_worker needs it).
-    kind = strategy_lib.device_kind(strategy)
-    policy = resolve_precision(config.precision, kind)
-    xla = use_xla(config, kind)
-    arrays = data.load(config)
-    derived = derive(config, strategy.num_replicas_in_sync, *data.trained_sizes(config, arrays))
-    data.augment_spec(config).validate()
+    run_plan = plan(config, strategy)
+    kind, policy, xla = run_plan.device_kind, run_plan.policy, run_plan.xla
+    arrays, derived = run_plan.loaded, run_plan.derived
 
     peak, peak_source = device_peak(kind, _device_name(kind), policy, opts.peak_tflops)
     print(f"peak for MFU: {peak_source}", flush=True)

@@ -1,5 +1,5 @@
-"""The datasets of a run, loaded and checked before anything is written: the source's data, sizes,
-the validation split, the evaluation streams and the training stream from a given step."""
+"""The datasets of a run (its plan's data, sizes and validation split): the evaluation streams and
+the training stream from a given step."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +8,8 @@ import numpy as np
 
 from convmixer_dist.data import pipeline as data, registry
 from convmixer_dist.data.source import Loaded
-from convmixer_dist.config import Config, Derived, derive
+from convmixer_dist.config import Config, Derived
+from convmixer_dist.plan import Plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,18 +38,11 @@ class Inputs:
         return registry.source(self.config).reporting_errors(self.config, self.loaded)
 
 
-def prepare_inputs(config: Config, strategy) -> Inputs:
-    """Load and check the data, split off the validation set, derive the step counts."""
-    loaded = data.load(config)
-    full_train, eval_size = data.split_sizes(config, loaded)
-    # --validation_fraction: a seeded held-out part of the training split, evaluated each epoch.
-    split_ids = data.validation_split(config, full_train)
-    train_ids, val_ids = split_ids if split_ids else (None, None)
-    derived = derive(config, strategy.num_replicas_in_sync,
-                     full_train if train_ids is None else len(train_ids), eval_size)
-    data.augment_spec(config).validate()
+def prepare_inputs(run_plan: Plan, strategy) -> Inputs:
+    """The evaluation streams of the plan's data (the training stream: `Inputs.train_batches`)."""
+    config, loaded, derived = run_plan.config, run_plan.loaded, run_plan.derived
     eval_dataset = data.eval_dataset(strategy, config, derived, loaded)
-    val_dataset = (None if val_ids is None
+    val_dataset = (None if run_plan.val_ids is None
                    else data.eval_dataset(strategy, config, derived, loaded, split="validation",
-                                          ids=val_ids))
-    return Inputs(config, strategy, loaded, derived, train_ids, eval_dataset, val_dataset)
+                                          ids=run_plan.val_ids))
+    return Inputs(config, strategy, loaded, derived, run_plan.train_ids, eval_dataset, val_dataset)

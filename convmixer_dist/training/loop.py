@@ -1,14 +1,13 @@
-"""The training driver, shaped like flax's examples/imagenet/train.py: `train_and_evaluate` sets up
-(setup.py: inputs, train state, checkpoints, step functions), then runs one loop whose body shows
-the periodic actions as blocks: progress line, stop signal, epoch end (evaluation, best checkpoint,
-early stopping), checkpoint. `Periods` declares each period once and decides where a multi-step call
-ends. A non-finite loss ends an attempt; with --nan_policy=rollback the outer attempt loop restores
-the last checkpoint with a lower learning rate. Lines, summaries and summary.json come from the
+"""The training driver, shaped like flax's examples/imagenet/train.py: `train_and_evaluate` resolves
+the run plan (plan.py) and sets up (setup.py: inputs, train state, checkpoints, step functions), then
+runs one loop whose body shows the periodic actions as blocks: progress line, stop signal, epoch end
+(evaluation, best checkpoint, early stopping), checkpoint. The plan's `Periods` declares each period
+once and decides where a multi-step call ends. A non-finite loss ends an attempt; with
+--nan_policy=rollback the outer attempt loop restores the last checkpoint with a lower learning rate. Lines, summaries and summary.json come from the
 chief only; every worker takes part in checkpoint saves.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import time
@@ -17,55 +16,16 @@ import numpy as np
 import tensorflow as tf
 
 from convmixer_dist import optimization
-from convmixer_dist.config import Config, Derived
+from convmixer_dist.config import Config
+from convmixer_dist.plan import Periods, plan
 from convmixer_dist.preemption import StopSignal, Stopped
 from convmixer_dist.training.inputs import prepare_inputs
 from convmixer_dist.training.report import Counters, build_summary
-from convmixer_dist.training.setup import Run, process_settings, profile_steps, set_up, stopped_early
+from convmixer_dist.training.setup import Run, process_settings, set_up, stopped_early
 from convmixer_dist.training.state import TrainingDiverged, TrainState, weights_fingerprint
 from convmixer_dist.training.steps import evaluate
 
 __all__ = ["Periods", "TrainingDiverged", "early_stopping_decision", "train_and_evaluate"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Periods:
-    """The loop's periodic actions, each period declared once (in optimizer steps); a multi-step
-    call ends at the next one. The run's last step is an epoch end and a checkpoint."""
-
-    total: int  # The run's steps.
-    epoch: int  # Epoch end: evaluation, best checkpoint, early stopping (and a progress line).
-    log: int  # Progress line and train summaries.
-    checkpoint: int  # Periodic checkpoint.
-    steps_per_loop: int  # The longest call.
-    profile: tuple[int, int] | None = None  # Inside the window one step per call (one profiler marker each).
-
-    @classmethod
-    def of(cls, config: Config, derived: Derived, profile: tuple[int, int] | None) -> "Periods":
-        log = config.log_every_steps
-        if not log:  # About ten lines per epoch, at loop boundaries: logging never shortens a call.
-            tenth = max(1, min(derived.steps_per_epoch, derived.total_steps) // 10)
-            log = max(1, round(tenth / config.steps_per_loop)) * config.steps_per_loop
-        return cls(derived.total_steps, derived.steps_per_epoch, log, config.checkpoint_every_steps,
-                   config.steps_per_loop, profile)
-
-    def epoch_end(self, step: int) -> bool:
-        return step % self.epoch == 0 or step == self.total
-
-    def log_due(self, step: int) -> bool:
-        return step % self.log == 0 or self.epoch_end(step)
-
-    def checkpoint_due(self, step: int) -> bool:
-        return step % self.checkpoint == 0 or step == self.total
-
-    def steps_in_next_call(self, step: int) -> int:
-        """--steps_per_loop, cut at the next epoch end, progress line, checkpoint and profile step."""
-        every = (self.epoch, self.log, self.checkpoint)
-        ends = [self.total, *((step // period + 1) * period for period in every)]
-        if self.profile is not None:
-            start, end = self.profile
-            ends += [start, step + 1 if start <= step < end else end]
-        return min(e for e in [step + self.steps_per_loop, *ends] if e > step) - step
 
 
 def early_stopping_decision(val_loss: float, best_val_loss: float, epochs_without_gain: int,
@@ -137,12 +97,12 @@ def final_evaluation(run: Run, state: TrainState, metrics: dict) -> tuple[dict, 
 def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict:
     """Train (resuming from MODEL_DIR if it has a checkpoint), evaluate each epoch, return the summary."""
     wall_start = time.time()
-    with process_settings(config, strategy) as policy:
-        inputs = prepare_inputs(config, strategy)  # Checked before anything is written.
-        profile = profile_steps(config, strategy, inputs.derived)
-        periods = Periods.of(config, inputs.derived, profile)
+    run_plan = plan(config, strategy)  # Data, sizes, devices, periods: checked before anything is written.
+    policy, periods = run_plan.policy, run_plan.periods
+    with process_settings(config, policy):
+        inputs = prepare_inputs(run_plan, strategy)
         with StopSignal(strategy) as stop, inputs.reporting_errors():  # A stop signal now saves first.
-            run, state = set_up(config, strategy, policy, inputs, profile, stop)
+            run, state = set_up(config, strategy, policy, inputs, run_plan.profile_window, stop)
             counters = Counters(nan_at_step=config.fault_inject_nan_at_step)
             has_validation = inputs.val_dataset is not None
             for _attempt in itertools.count():  # An attempt ends at a non-finite loss (NaN rollback).

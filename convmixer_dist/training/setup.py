@@ -12,11 +12,10 @@ import tensorflow as tf
 
 from convmixer_dist import resume_check, rundir
 from convmixer_dist.data import image_folder
-from convmixer_dist.config import Config, Derived
+from convmixer_dist.config import Config
 from convmixer_dist.model import count_params
-from convmixer_dist.precision import resolve_precision, use_xla
-from convmixer_dist.profiling import (ProfileWindow, check_profile_window, check_window_after_resume,
-                                      parse_profile_steps, start_profiler_server)
+from convmixer_dist.precision import use_xla
+from convmixer_dist.profiling import ProfileWindow, check_window_after_resume, start_profiler_server
 from convmixer_dist.strategy import device_kind, is_chief
 from convmixer_dist.training.inputs import Inputs
 from convmixer_dist.training.report import Report, describe_run
@@ -39,11 +38,10 @@ def _disable_op_determinism() -> None:
 
 
 @contextlib.contextmanager
-def process_settings(config: Config, strategy) -> Iterator[str]:
-    """Yields the precision policy, set as Keras's dtype policy, with the seeds and op determinism;
+def process_settings(config: Config, policy: str) -> Iterator[None]:
+    """Sets the precision `policy` (the plan's) as Keras's dtype policy, the seeds and op determinism;
     afterwards the process-wide settings go back to what the caller had and the run lock (taken by
     rundir.prepare_model_dir on the chief) is released."""
-    policy = resolve_precision(config.precision, device_kind(strategy))
     previous_policy = keras.mixed_precision.dtype_policy()
     was_deterministic = _op_determinism_enabled()
     keras.mixed_precision.set_dtype_policy(policy)
@@ -52,7 +50,7 @@ def process_settings(config: Config, strategy) -> Iterator[str]:
         keras.utils.set_random_seed(config.seed)
         if config.deterministic:
             tf.config.experimental.enable_op_determinism()
-        yield policy
+        yield
     finally:
         keras.mixed_precision.set_dtype_policy(previous_policy)
         rundir.release_run_lock(config.model_dir)
@@ -65,17 +63,6 @@ def stopped_early(config: Config, state: TrainState, validation: bool) -> bool:
     lower validation loss): such a run is finished, like one that reached its last step."""
     patience = config.early_stopping_patience
     return validation and bool(patience) and int(state.epochs_without_gain.numpy()) >= patience
-
-
-def profile_steps(config: Config, strategy, derived: Derived) -> tuple[int, int] | None:
-    """The --profile_steps window as the loop sees it (the chief's only), checked against the run's
-    length before anything is written (a warning line when it ends after the last step)."""
-    steps = parse_profile_steps(config.profile_steps)
-    warning = check_profile_window(steps, derived.total_steps)
-    chief = is_chief(strategy)
-    if warning and chief:
-        print(warning, flush=True)
-    return steps if chief else None
 
 
 @dataclasses.dataclass(frozen=True)
