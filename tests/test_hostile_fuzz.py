@@ -201,7 +201,7 @@ def check(case: dict, result: dict) -> list[str]:
     """The contract; returns what was broken."""
     broken = []
     stderr = result["stderr"]
-    lines = [line for line in stderr.splitlines() if line.strip()]
+    lines = [line for line in stderr.split("\n") if line.strip()]  # a \r progress bar is one line
     if result["code"] not in case.get("codes", EXIT_CODES):
         broken.append(f"exit code {result['code']}")
     if "Traceback" in stderr:
