@@ -273,9 +273,10 @@ class Config:
     clip_norm: float = setting(0.0, "Clip gradients by global norm (over all replicas); 0 = off.",
                                bounds=(0, 1e6, "[]"))
     allreduce_bucket_mb: float = setting(
-        25.0, "Gradient all-reduce bucket size in MiB (as PyTorch DDP's bucket_cap_mb): buckets are "
-        "reduced from the last layer to the first, so the late layers' reduction overlaps the rest of "
-        "the backward pass; 0 = the whole gradient as one bucket.", bounds=(0, 1e5, "[]"))
+        25.0, "Gradient all-reduce bucket size in MiB (as PyTorch DDP's bucket_cap_mb; the first "
+        "bucket at most 1 MiB, as DDP's): buckets are reduced from the last layer to the first, so the "
+        "late layers' reduction overlaps the rest of the backward pass; 0 = the whole gradient as one "
+        "bucket.", bounds=(0, 1e5, "[]"))
     allreduce_dtype: str = setting(
         "float32", "Dtype of the gradient all-reduce (cast, summed, cast back): bfloat16 or float16 "
         "halve the bytes sent; float16 suits loss-scaled (mixed_float16) gradients, whose overflow "

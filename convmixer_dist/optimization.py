@@ -91,15 +91,21 @@ def skip_gradient_aggregation(optimizer: keras.optimizers.Optimizer) -> None:
         opt._all_reduce_sum_gradients = list  # noqa: SLF001 - see the docstring
 
 
+FIRST_BUCKET_BYTES = 2 ** 20  # as PyTorch DDP: a small first bucket starts the reduction early
+
+
 def gradient_buckets(sizes: Sequence[int], bucket_bytes: int) -> list[list[int]]:
     """Positions of the gradients in each bucket, in the order they are reduced: from the last
     variable to the first (the backward pass produces the last layer's gradient first). A bucket
-    is closed when the next gradient would take it past `bucket_bytes` (a gradient larger than
-    that is a bucket of its own); `bucket_bytes <= 0` is one bucket for everything."""
+    is closed when the next gradient would take it past its cap (a gradient larger than that is a
+    bucket of its own): the first bucket's cap is min(`FIRST_BUCKET_BYTES`, `bucket_bytes`), so the
+    first collective can start early in the backward pass even with large buckets, every later
+    one's `bucket_bytes`; `bucket_bytes <= 0` is one bucket for everything."""
     buckets: list[list[int]] = []
     filled = 0
     for position in reversed(range(len(sizes))):
-        if not buckets or (bucket_bytes > 0 and filled + sizes[position] > bucket_bytes):
+        cap = min(FIRST_BUCKET_BYTES, bucket_bytes) if len(buckets) <= 1 else bucket_bytes
+        if not buckets or (bucket_bytes > 0 and filled + sizes[position] > cap):
             buckets.append([])
             filled = 0
         buckets[-1].append(position)

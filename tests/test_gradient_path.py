@@ -35,6 +35,10 @@ def test_buckets_go_from_the_last_variable_to_the_first_and_close_at_the_cap():
     assert optimization.gradient_buckets([120, 40, 50, 30, 60], 100) == [[4, 3], [2, 1], [0]]
     assert optimization.gradient_buckets([120, 40, 50, 30, 60], 0) == [[4, 3, 2, 1, 0]]
     assert optimization.gradient_buckets([10, 10], 1) == [[1], [0]]
+    # The first bucket is capped at 1 MiB even with larger buckets (PyTorch DDP's first bucket):
+    mib = 2 ** 20
+    assert optimization.gradient_buckets([3 * mib, mib // 2, mib // 2, mib // 2], 25 * mib) == [
+        [3, 2], [1, 0]]
     assert optimization.gradient_buckets([], 100) == []
 
 
