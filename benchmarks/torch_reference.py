@@ -15,6 +15,9 @@ reference does (channels-first, eager); the variants a PyTorch user would try fo
 - `--channels_last`: model and batch in `torch.channels_last` memory format (NHWC, what oneDNN's
   CPU convolutions prefer);
 - `--compile`: the model wrapped in `torch.compile` (TorchInductor; needs a C++ compiler);
+- `--bfloat16`: the forward under `torch.autocast("cpu", dtype=torch.bfloat16)` (PyTorch's
+  mixed precision: bf16 convolutions, float32 weights, optimizer and loss), to compare with
+  `--precision=mixed_bfloat16`; with `--all_variants` it applies to all four;
 - `--all_variants`: all four combinations in one process, windows taken round-robin (one window of
   each variant in turn, so a change in machine load hits all alike); reports each and the best.
 
@@ -75,6 +78,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 = torch's default")
     p.add_argument("--channels_last", action="store_true", help="NHWC memory format (torch.channels_last)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (TorchInductor)")
+    p.add_argument("--bfloat16", action="store_true", help="forward under torch.autocast(bfloat16)")
     p.add_argument("--all_variants", action="store_true",
                    help="time eager, channels_last, compile and compile_channels_last round-robin")
     p.add_argument("--output", default="", help="JSON file for the result; empty = print only")
@@ -99,7 +103,9 @@ def make_window(args: argparse.Namespace, channels_last: bool, compiled: bool):
         start = time.perf_counter()
         for _ in range(args.window_steps):
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(forward(images), labels)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bfloat16):
+                logits = forward(images)
+            loss = loss_fn(logits.float(), labels)
             loss.backward()
             optimizer.step()
         float(loss.detach())
@@ -131,7 +137,8 @@ def main() -> None:
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     for name in chosen:
         print(f"torch_reference {name}: {medians[name]:.1f} img/s (median of {args.windows})", flush=True)
-    print(f"torch_reference: {medians[best]:.1f} img/s ({best}{', the best' * (len(chosen) > 1)}), "
+    dtype = "bfloat16 autocast" if args.bfloat16 else "float32"
+    print(f"torch_reference: {medians[best]:.1f} img/s ({best}{', the best' * (len(chosen) > 1)}, {dtype}), "
           f"torch {torch.__version__}, {result['threads']} threads", flush=True)
     if args.output:
         with open(args.output, "w") as f:

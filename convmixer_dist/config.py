@@ -282,7 +282,9 @@ class Config:
         "halve the bytes sent; float16 suits loss-scaled (mixed_float16) gradients, whose overflow "
         "the loss scale catches.", choices=ALLREDUCE_DTYPES)
     precision: str = setting("auto", "auto = mixed_bfloat16 on GPUs with compute capability >= 8.0, "
-                             "mixed_float16 on 7.x, float32 on CPU.", choices=PRECISIONS)
+                             "mixed_float16 on 7.x; on CPU mixed_bfloat16 where it has bf16 units and "
+                             "bf16 was measured faster on its kind for the model's size "
+                             "(precision.BF16_MEASURED_FASTER, hidden_dim >= 256), else float32.", choices=PRECISIONS)
     xla: str = setting("auto", "XLA-compile the per-replica forward/backward; auto = on for GPUs, off on "
                        "CPU (where it is ~7x slower).", choices=XLA_MODES)
     # Output.

@@ -14,7 +14,7 @@ import numpy as np
 from convmixer_dist.config import Config, Derived, derive, parse_crop_ratio
 from convmixer_dist.data import pipeline as data, registry
 from convmixer_dist.data.source import Description, Loaded
-from convmixer_dist.precision import resolve_precision, use_xla
+from convmixer_dist.precision import precision_choice, use_xla
 from convmixer_dist.profiling import check_profile_window, parse_profile_steps
 from convmixer_dist.strategy import device_kind, is_chief
 
@@ -102,8 +102,11 @@ def plan(config: Config, strategy) -> Plan:
     chief = is_chief(strategy)
     if warning and chief:
         print(warning, flush=True)
+    policy, why = precision_choice(config.precision, kind, hidden_dim=config.hidden_dim)
+    if config.precision == "auto" and chief:
+        print(f"precision=auto -> {policy}: {why}", flush=True)
     profile = profile if chief else None
     return Plan(config, registry.describe(config), loaded, derived, train_ids, val_ids, kind,
-                resolve_precision(config.precision, kind), use_xla(config, kind), profile,
+                policy, use_xla(config, kind), profile,
                 Periods.of(config, derived, profile), parse_crop_ratio(config.crop_ratio), augmentation,
                 data.crops_per_example(config))

@@ -451,7 +451,8 @@ def _training_runs(result: dict, strategy, setup: dict, variants, opts) -> None:
             strategy, config, derived, arrays, policy, xla, opts.window_steps, opts.fit_steps_per_execution),
             config, opts, policy)
     for label, variant in variants:
-        v_policy, v_xla = resolve_precision(variant.precision, kind), use_xla(variant, kind)
+        v_policy = resolve_precision(variant.precision, kind, hidden_dim=variant.hidden_dim)
+        v_xla = use_xla(variant, kind)
         v_model, v_optimizer = _build(strategy, variant, derived, v_policy)
         dataset = strategy.distribute_datasets_from_function(_cached_dataset_fn(variant, derived, arrays))
         _record(result, f"custom_input_excluded[{label}]", _custom_runner(

@@ -45,7 +45,7 @@ def run_work(paths: list[str]) -> tuple[dict, str | None]:
         with open(os.path.join(model_dir, "summary.json")) as f:
             policy = json.load(f)["precision"]
     except (OSError, ValueError, KeyError):
-        policy = resolve_precision(config.precision, "cpu")
+        policy = resolve_precision(config.precision, "cpu", hidden_dim=config.hidden_dim)
     work = flops.step_work(config.hidden_dim, config.depth, config.kernel_size, config.patch_size,
                            config.image_size, config.num_classes, config.global_batch_size,
                            element_bytes=2 if policy.startswith("mixed") else 4)
