@@ -50,3 +50,13 @@ def free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
+
+
+def file_contents(directory) -> dict[str, bytes]:
+    """Every file below `directory` (relative path -> bytes): to assert a run was left untouched."""
+    found = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            found[os.path.relpath(path, directory)] = open(path, "rb").read()
+    return found

@@ -16,16 +16,7 @@ import pytest
 from convmixer_dist import strategy as strategy_lib
 from convmixer_dist.errors import UsageError
 from convmixer_dist.training.loop import train_and_evaluate
-from helpers import run_cli, tiny_config
-
-
-def files(directory) -> dict[str, bytes]:
-    found = {}
-    for root, _, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(root, name)
-            found[os.path.relpath(path, directory)] = open(path, "rb").read()
-    return found
+from helpers import file_contents, run_cli, tiny_config
 
 
 def train(config) -> tuple[dict, str]:
@@ -57,12 +48,12 @@ def run(base_run, tmp_path):
     (dict(global_batch_size=16), None),
 ])
 def test_a_resume_that_changes_the_run_is_refused_before_anything_is_written(run, change, named):
-    before = files(run.model_dir)
+    before = file_contents(run.model_dir)
     (name, value), = change.items()
     with pytest.raises(UsageError, match=rf"--{name}={value} \(was [0-9.]+\)") as refused:
         train(dataclasses.replace(run, train_steps=6, **change))
     assert named is None or named in str(refused.value)
-    assert files(run.model_dir) == before  # flags.txt, checkpoints, logs, summary: untouched
+    assert file_contents(run.model_dir) == before  # flags.txt, checkpoints, logs, summary: untouched
 
 
 def test_an_emptied_identity_falls_back_to_flags_txt(run):
@@ -71,10 +62,10 @@ def test_an_emptied_identity_falls_back_to_flags_txt(run):
         order = json.load(f)["data_order"]  # kept: without it the run reads as an older version's
     with open(identity, "w") as f:
         json.dump({"data_order": order}, f)  # every flag gone
-    before = files(run.model_dir)
+    before = file_contents(run.model_dir)
     with pytest.raises(UsageError, match=r"\(flags.txt\): --hidden_dim=32 \(was 16\)"):
         train(dataclasses.replace(run, hidden_dim=32))
-    assert files(run.model_dir) == before
+    assert file_contents(run.model_dir) == before
 
 
 def test_schedule_changes_are_applied_and_stated(run):
@@ -87,13 +78,13 @@ def test_schedule_changes_are_applied_and_stated(run):
 
 
 def test_a_layout_change_on_the_command_line_is_one_line(run):
-    before = files(run.model_dir)
+    before = file_contents(run.model_dir)
     flags_txt = os.path.join(run.model_dir, "flags.txt")
     result = run_cli("convmixer_dist.main", f"--flagfile={flags_txt}", "--dropout_rate=0.1")
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"error: --model_dir={run.model_dir}: ckpt-4 was saved by another model "
                                     "layout (flags changed since the run was written: --dropout_rate=0.1 (was 0.0)")
-    assert files(run.model_dir) == before
+    assert file_contents(run.model_dir) == before
 
 
 def test_an_early_stopped_run_stays_finished(tmp_path):
@@ -102,11 +93,11 @@ def test_an_early_stopped_run_stays_finished(tmp_path):
                          learning_rate=0.05, synthetic_train_size=128)
     first, _ = train(config)
     assert first["stopped_early"] and first["steps"] < 24
-    checkpoints = files(os.path.join(config.model_dir, "checkpoints"))
+    checkpoints = file_contents(os.path.join(config.model_dir, "checkpoints"))
     again, out = train(config)  # the same command again
     assert "it is finished, nothing more is trained" in out
     assert again["steps"] == first["steps"] and again["test_accuracy"] == first["test_accuracy"]
-    assert files(os.path.join(config.model_dir, "checkpoints")) == checkpoints  # no further epoch
+    assert file_contents(os.path.join(config.model_dir, "checkpoints")) == checkpoints  # no further epoch
 
 
 def test_export_never_replaces_an_export_and_evaluate_falls_back(run, tmp_path, monkeypatch, capsys):
@@ -117,10 +108,10 @@ def test_export_never_replaces_an_export_and_evaluate_falls_back(run, tmp_path, 
     output = tmp_path / "export"
     info = export.export_run(reopened, str(output), out=io.StringIO())
     assert info["checkpoint"].endswith("ckpt-4")
-    before = files(output)
+    before = file_contents(output)
     with pytest.raises(UsageError, match="exists and holds an earlier export; an export never replaces"):
         export.export_run(reopened, str(output), out=io.StringIO())
-    assert files(output) == before
+    assert file_contents(output) == before
     # The newest checkpoint lost its data file (rotated away under a running evaluation, or damaged).
     checkpoints = os.path.join(run.model_dir, "checkpoints")
     os.remove(os.path.join(checkpoints, "ckpt-4.data-00000-of-00001"))

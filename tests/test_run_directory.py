@@ -8,21 +8,12 @@ import shutil
 import pytest
 
 from convmixer_dist import flags as cli
-from helpers import run_cli
+from helpers import file_contents, run_cli
 
 TINY = ["--dataset=synthetic", "--num_classes=4", "--synthetic_train_size=128", "--synthetic_test_size=32",
         "--image_size=8", "--hidden_dim=8", "--depth=1", "--kernel_size=3", "--patch_size=2",
         "--global_batch_size=32", "--steps_per_loop=2", "--checkpoint_every_steps=2",
         "--keep_checkpoints=2", "--seed=1"]
-
-
-def _files(directory) -> dict[str, bytes]:
-    found = {}
-    for root, _, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(root, name)
-            found[os.path.relpath(path, directory)] = open(path, "rb").read()
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +33,11 @@ def test_a_copied_run_resumes_in_the_copy_and_never_touches_the_original(four_st
     shutil.copytree(four_step_run, original)
     copy = tmp_path / "copy"
     shutil.copytree(original, copy)  # cp -r RUN COPY
-    before = _files(original)
+    before = file_contents(original)
     result = run_cli("convmixer_dist.main", f"--flagfile={copy}/flags.txt", "--train_steps=8")
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"Resumed from {copy}/checkpoints/ckpt-4 at step 4/8" in result.stdout
-    assert _files(original) == before  # rotation, flags.txt and summary.json happened in the copy
+    assert file_contents(original) == before  # rotation, flags.txt and summary.json happened in the copy
     assert json.loads((copy / "summary.json").read_text())["steps"] == 8
     assert sorted(p for p in os.listdir(copy / "checkpoints") if p.endswith(".index")) == [
         "ckpt-6.index", "ckpt-8.index"]
