@@ -56,7 +56,7 @@ def _collective_mirrored():
 
 def _train_loop(config, strategy):
     """The real train loop of a tiny ConvMixer (seeded) and an iterator over its training stream."""
-    policy = precision.resolve_precision(config.precision, "cpu")
+    policy = precision.resolve_precision(config.precision, "cpu", hidden_dim=config.hidden_dim)
     keras.mixed_precision.set_dtype_policy(policy)  # the conftest fixture restores float32
     derived = derive(config, strategy.num_replicas_in_sync, *data.trained_sizes(config))
     with strategy.scope():
